@@ -1,0 +1,108 @@
+"""moe_tiny: the CPU default, a byte-level MoE LM on the embedded corpus (Python stdlib source).
+
+Command:  python experiments/train.py --config=experiments/configs/moe_tiny.py --workdir=/tmp/moe_tiny
+Hardware: 2 CPU cores.
+Expected: <= 2.5 bits per byte on the validation split within 10 minutes (see docs/benchmarks.md).
+Smoke:    --config=experiments/configs/moe_tiny.py:smoke runs in seconds.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=257,            # 256 bytes + end-of-document
+      d_model=128,
+      num_layers=4,
+      num_heads=4,
+      d_ff=512,                  # dense FFN width (dense layers and dense baselines)
+      max_seq_len=256,
+      rope_base=10_000.0,
+      ffn='moe',                 # 'moe' | 'dense'
+      moe_every=1,               # every n-th layer is MoE (counting after first_dense_layers)
+      first_dense_layers=0,
+      tie_embeddings=False,
+  ))
+  config.model.moe = ml_collections.ConfigDict(dict(
+      num_experts=8,
+      top_k=2,
+      d_ff=256,                  # per expert; top_k * d_ff == model.d_ff keeps active params equal
+      router='top_k',            # 'top_k' | 'noisy_top_k' | 'expert_choice' | 'aux_free'
+      dispatch='ragged',         # 'dense' | 'capacity' | 'ragged'
+      capacity_factor=1.25,
+      group_size=0,              # capacity groups of this many tokens; 0 = one group per sequence
+      num_shared_experts=0,
+      normalize_top_k=True,
+      jitter_noise=0.0,
+      activation='swiglu',       # 'swiglu' | 'gelu'
+      gmm_impl='auto',           # 'auto' | 'xla' | 'hopper'
+      aux_free_bias_rate=1e-3,
+      load_balance_weight=1e-2,
+      z_loss_weight=1e-3,
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      corpus='stdlib',           # 'stdlib' | 'text' | 'tokens'
+      paths='',                  # glob(s), comma separated, for 'text' and 'tokens'
+      token_dtype='uint16',      # for 'tokens': 'uint16' | 'uint32'
+      val_fraction=0.05,         # share of files (stdlib/text) or tokens (tokens) held out
+      seq_len=256,
+      batch_size=32,             # global batch
+      eval_batch_size=32,
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      num_steps=1500,
+      log_every=50,
+      eval_every=250,
+      eval_steps=16,
+      checkpoint_every=250,
+      keep_checkpoints=3,
+      max_nonfinite_steps=20,
+      peak_flops=0.0,            # per device; 0 = look up the device table
+  ))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=3e-3,
+      warmup_steps=100,
+      end_lr_ratio=0.1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip=1.0,
+  ))
+
+  config.precision = ml_collections.ConfigDict(dict(
+      policy='fp32',             # 'fp32' | 'bf16' | 'pure_bf16' | 'fp16'
+      mu_dtype='',               # '' = the policy's choice
+      nu_dtype='',
+      loss_scale_init=2.0**15,   # fp16 only
+      loss_scale_period=2000,
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, model=1,
+      rules=(
+          ('batch', ('data', 'fsdp', 'expert')),
+          ('length', None),
+          ('embed', 'fsdp'),
+          ('mlp', 'model'),
+          ('heads', 'model'),
+          ('kv', None),
+          ('vocab', 'model'),
+          ('expert', 'expert'),
+      ),
+  ))
+
+  if arg == 'smoke':
+    config.model.update(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32)
+    config.model.moe.update(num_experts=4, top_k=2, d_ff=32)
+    config.data.update(seq_len=32, batch_size=8, eval_batch_size=8)
+    config.train.update(num_steps=20, log_every=5, eval_every=10, eval_steps=2,
+                        checkpoint_every=10)
+  elif arg:
+    raise ValueError(f"moe_tiny: unknown config arg {arg!r}; expected 'smoke' or nothing")
+  return config

@@ -1,0 +1,1 @@
+"""Grouped-matmul kernels behind one function, with per-platform implementations."""
