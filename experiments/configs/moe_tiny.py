@@ -103,6 +103,7 @@ def get_config(arg=None):
     config.data.update(seq_len=32, batch_size=8, eval_batch_size=8)
     config.train.update(num_steps=20, log_every=5, eval_every=10, eval_steps=2,
                         checkpoint_every=10)
+    config.optim.update(warmup_steps=2)
   elif arg:
     raise ValueError(f"moe_tiny: unknown config arg {arg!r}; expected 'smoke' or nothing")
   return config

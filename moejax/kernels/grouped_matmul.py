@@ -1,11 +1,110 @@
 """Grouped matmul: rows of `x`, sorted by group, times that group's weight matrix.
 
 Shapes: M rows (token slots sorted by expert), K contraction, N output, G groups (experts).
+
+`grouped_matmul` carries a custom VJP whose three products (forward, input gradient, weight
+gradient) each pick an implementation:
+  'xla'    `jax.lax.ragged_dot` / `ragged_dot_general`: the reference; CPU, TPU, any GPU.
+  'hopper' the Pallas Mosaic-GPU kernels in `hopper.py` (sm90 only).
+  'auto'   'hopper' on an sm90 GPU, else 'xla'.
+A product the chosen kernel cannot serve (dtype, shape) falls back to 'xla' and logs why once.
 """
+import functools
+
+from absl import logging
 import jax
+import jax.numpy as jnp
+
+from moejax.kernels import hopper
+
+IMPLS = ('auto', 'xla', 'hopper')
+
+# Transposed ragged contraction: dw[g] = x_g^T dy_g, contracting the ragged row dimension.
+_TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[],
+)
+
+_logged_fallbacks: set[tuple] = set()
 
 
-def grouped_matmul(x, w, group_sizes, impl="auto"):
-  """[M, K] x [G, K, N] with group_sizes [G] (sum <= M) -> [M, N]; rows past the sum are zero."""
-  del impl
-  return jax.lax.ragged_dot(x, w, group_sizes.astype("int32"))
+def resolve_impl(impl: str) -> str:
+  """'auto' -> the fastest implementation for the default device; validates `impl`."""
+  if impl not in IMPLS:
+    raise ValueError(f'gmm_impl must be one of {IMPLS}, got {impl!r}')
+  if impl == 'auto':
+    return 'xla' if hopper.platform_reason() else 'hopper'
+  return impl
+
+
+def _use_hopper(impl: str, op: str, reason_fn, m: int, k: int, n: int, dtype) -> bool:
+  if impl != 'hopper':
+    return False
+  reason = hopper.platform_reason() or reason_fn(m, k, n, dtype)
+  if reason is None:
+    return True
+  key = (op, m, k, n, jnp.dtype(dtype).name, reason)
+  if key not in _logged_fallbacks:
+    _logged_fallbacks.add(key)
+    logging.warning('grouped_matmul %s [M=%d, K=%d, N=%d] %s: falling back to xla (%s)',
+                    op, m, k, n, jnp.dtype(dtype).name, reason)
+  return False
+
+
+def _fwd_product(x, w, group_sizes, impl):
+  m, k = x.shape
+  n = w.shape[2]
+  if _use_hopper(impl, 'forward', hopper.gmm_reason, m, k, n, x.dtype):
+    return hopper.gmm(x, w, group_sizes)
+  return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _dx_product(dy, w, group_sizes, impl):
+  m, n = dy.shape
+  k = w.shape[1]
+  if _use_hopper(impl, 'input-gradient', hopper.gmm_t_reason, m, k, n, dy.dtype):
+    return hopper.gmm_t(dy, w, group_sizes)
+  return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
+
+
+def _dw_product(x, dy, group_sizes, impl):
+  m, k = x.shape
+  n = dy.shape[1]
+  if _use_hopper(impl, 'weight-gradient', hopper.tgmm_reason, m, k, n, x.dtype):
+    return hopper.tgmm(x, dy, group_sizes)
+  return jax.lax.ragged_dot_general(x, dy, group_sizes, _TGMM_DIMS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(x, w, group_sizes, impl):
+  return _fwd_product(x, w, group_sizes, impl)
+
+
+def _gmm_fwd(x, w, group_sizes, impl):
+  return _fwd_product(x, w, group_sizes, impl), (x, w, group_sizes)
+
+
+def _gmm_bwd(impl, residuals, dy):
+  x, w, group_sizes = residuals
+  dy = dy.astype(x.dtype)
+  dx = _dx_product(dy, w, group_sizes, impl).astype(x.dtype)
+  dw = _dw_product(x, dy, group_sizes, impl).astype(w.dtype)
+  return dx, dw, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def grouped_matmul(x, w, group_sizes, impl='auto'):
+  """[M, K] x [G, K, N] with group_sizes [G] (sum <= M) -> [M, N]; rows past the sum are zero.
+
+  Operands are promoted to a common dtype, which is also the output dtype (f32 accumulation).
+  `impl` is one of `IMPLS` (see the module docstring).
+  """
+  if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+    raise ValueError(f'grouped_matmul wants x [M, K] and w [G, K, N], got {x.shape} and {w.shape}')
+  if group_sizes.shape != (w.shape[0],):
+    raise ValueError(f'group_sizes must have shape ({w.shape[0]},), got {group_sizes.shape}')
+  dtype = jnp.result_type(x.dtype, w.dtype)
+  return _gmm(x.astype(dtype), w.astype(dtype), group_sizes.astype(jnp.int32), resolve_impl(impl))

@@ -1,0 +1,49 @@
+"""Trains a language model from a config file: the thin entry point of moejax.train.
+
+  python experiments/train.py --workdir=/tmp/moe_tiny           # the default config, moe_tiny
+  python experiments/train.py --config=experiments/configs/moe_tiny.py:smoke --workdir=/tmp/smoke \
+      --config.train.num_steps=40
+
+Running again on the same workdir resumes from its latest checkpoint. Multi-host: pass
+--coordinator_address, --num_processes and --process_id, or launch under SLURM / with
+JAX_COORDINATOR_ADDRESS set, and JAX finds the cluster itself.
+"""
+import os
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from moejax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'moe_tiny.py'),
+    'Experiment config file (path[:arg]).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.',
+                               required=True)
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+
+
+
+def _launched_on_a_cluster() -> bool:
+  """True under a multi-process launcher whose environment jax.distributed reads by itself."""
+  if 'JAX_COORDINATOR_ADDRESS' in os.environ:
+    return True
+  return any(int(os.environ.get(var, '1')) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _launched_on_a_cluster():
+    jax.distributed.initialize()
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,268 @@
+"""Byte-level tokenizer and the corpora the language model trains on.
+
+Shapes: B rows of a batch (data.batch_size or data.eval_batch_size, global), S data.seq_len; each row holds
+S+1 tokens so that inputs are row[:-1] and targets row[1:].
+
+Three corpora, chosen by `data.corpus`:
+  'stdlib'  the Python standard library's own `*.py` sources on the running machine: real text, present
+            everywhere, no download. `site-packages` and the test suites (directories `test`, `tests`,
+            `idle_test`) are skipped, which leaves the library code itself (about 12 MB on CPython 3.11) and
+            keeps loading under a second. The corpus differs slightly between Python versions.
+  'text'    text files matching `data.paths` (comma-separated globs, `**` allowed), read as bytes.
+  'tokens'  pre-tokenized files of `data.token_dtype` ('uint16' | 'uint32') matching `data.paths`, read with
+            np.memmap. The last `val_fraction` of the tokens of each file is the validation split.
+'stdlib' and 'text' are split into train and validation by file: a file is held out when a hash of its path
+(relative to the stdlib root, or to the literal directory before the glob's first wildcard) falls below
+`val_fraction`, so the split does not depend on how many files there are or the order they are listed in.
+Documents are byte-tokenized and each one is followed by the end-of-document token.
+
+Batches are pure functions of (seed, step): no iterator state, so resuming a run needs nothing from here.
+"""
+import dataclasses
+import functools
+import glob
+import hashlib
+import os
+import sysconfig
+
+import numpy as np
+
+EOD_ID = 256
+VOCAB_SIZE = 257
+
+CORPORA = ('stdlib', 'text', 'tokens')
+TOKEN_DTYPES = ('uint16', 'uint32')
+_STDLIB_SKIP_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'})
+
+
+def encode(text):
+  """UTF-8 bytes of `text` (str or bytes) as int32 token ids in [0, 256); no EOD is appended."""
+  if isinstance(text, str):
+    text = text.encode('utf-8')
+  return np.frombuffer(bytes(text), dtype=np.uint8).astype(np.int32)
+
+
+def decode(ids):
+  """Token ids -> str. Ids outside [0, 256) (EOD, padding) are dropped; invalid UTF-8 becomes U+FFFD."""
+  ids = np.asarray(ids).reshape(-1)
+  byte_ids = ids[(ids >= 0) & (ids < 256)].astype(np.uint8)
+  return byte_ids.tobytes().decode('utf-8', errors='replace')
+
+
+def stdlib_root():
+  """Directory of the running interpreter's standard library."""
+  return sysconfig.get_paths()['stdlib']
+
+
+def stdlib_files(root=None):
+  """Sorted paths of the standard library's `*.py` files under `root`, without site-packages and tests."""
+  root = root or stdlib_root()
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+    paths.extend(os.path.join(dirpath, f) for f in filenames if f.endswith('.py'))
+  return sorted(paths)
+
+
+def is_validation_file(relative_path, val_fraction):
+  """Whether a file belongs to the validation split: a hash of its relative POSIX path below val_fraction."""
+  key = relative_path.replace(os.sep, '/').encode('utf-8')
+  draw = int.from_bytes(hashlib.sha256(key).digest()[:8], 'little') / 2.0**64
+  return draw < val_fraction
+
+
+def _glob_root(pattern):
+  """The literal directory before the first wildcard component of a glob pattern."""
+  parts = pattern.split(os.sep)
+  literal = []
+  for part in parts[:-1]:
+    if any(c in part for c in '*?['):
+      break
+    literal.append(part)
+  return os.sep.join(literal) or '.'
+
+
+def _expand_globs(paths_field):
+  """`data.paths` -> sorted unique [(file path, path relative to its glob's root)]."""
+  patterns = [p.strip() for p in paths_field.split(',') if p.strip()]
+  if not patterns:
+    raise ValueError("data.paths is empty; give one or more comma-separated globs for corpus 'text' or 'tokens'")
+  files = {}
+  for pattern in patterns:
+    pattern = os.path.expanduser(pattern)
+    matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
+    if not matches:
+      raise ValueError(f'data.paths: {pattern!r} matches no file')
+    root = _glob_root(pattern)
+    for match in matches:
+      files.setdefault(os.path.abspath(match), os.path.relpath(match, root))
+  return sorted(files.items())
+
+
+def _join_documents(paths):
+  """Byte-tokenize files and join them, each followed by EOD, into one uint16 stream."""
+  docs = [np.fromfile(p, dtype=np.uint8) for p in paths]
+  ends = np.cumsum([len(d) for d in docs])
+  stream = np.concatenate(docs).astype(np.uint16) if docs else np.zeros(0, np.uint16)
+  return np.insert(stream, ends, EOD_ID)
+
+
+def _split_by_file(named_paths, val_fraction, source):
+  """[(path, relative path)] -> (train stream, val stream), split by hashing the relative paths."""
+  if sum(os.path.getsize(p) for p, _ in named_paths) == 0:
+    raise ValueError(f'{source}: the corpus is empty (all {len(named_paths)} files have 0 bytes)')
+  train = [p for p, rel in named_paths if not is_validation_file(rel, val_fraction)]
+  val = [p for p, rel in named_paths if is_validation_file(rel, val_fraction)]
+  if not val:
+    raise ValueError(f'data.val_fraction={val_fraction} puts none of the {len(named_paths)} files of {source} in '
+                     'the validation split; raise data.val_fraction or add files')
+  if not train:
+    raise ValueError(f'data.val_fraction={val_fraction} puts all {len(named_paths)} files of {source} in the '
+                     'validation split; lower data.val_fraction or add files')
+  return _join_documents(train), _join_documents(val)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_stdlib(root, val_fraction):
+  paths = stdlib_files(root)
+  if not paths:
+    raise ValueError(f"data.corpus='stdlib': no *.py files under the standard library at {root!r}")
+  named = [(p, os.path.relpath(p, root)) for p in paths]
+  return _split_by_file(named, val_fraction, f'the standard library at {root!r}')
+
+
+@functools.lru_cache(maxsize=4)
+def _load_text(paths_field, val_fraction):
+  return _split_by_file(_expand_globs(paths_field), val_fraction, f'data.paths={paths_field!r}')
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokens(paths_field, token_dtype, val_fraction, vocab_size):
+  """Memmap token files; each file's last val_fraction of tokens is validation. One file: views, no copy."""
+  dtype = np.dtype(token_dtype)
+  train, val = [], []
+  for path, _ in _expand_globs(paths_field):
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+      raise ValueError(f'{path}: {size} bytes is not a whole number of data.token_dtype={token_dtype!r} tokens')
+    if size == 0:
+      continue
+    tokens = np.memmap(path, dtype=dtype, mode='r')
+    max_id = int(tokens.max())
+    if max_id >= vocab_size:
+      raise ValueError(f'{path}: token id {max_id} >= model.vocab_size={vocab_size}')
+    num_val = int(np.ceil(len(tokens) * val_fraction))
+    train.append(tokens[:len(tokens) - num_val])
+    val.append(tokens[len(tokens) - num_val:])
+  if not train:
+    raise ValueError(f'data.paths={paths_field!r}: the token corpus is empty (0 tokens)')
+  join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)
+  return join(train), join(val)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Train and validation token streams plus the batching rules of the train loop.
+
+  Attributes:
+    train_tokens: 1-D array of token ids (uint16 or uint32; batches come out int32).
+    val_tokens: 1-D array of token ids.
+    seq_len: S; rows hold S+1 tokens.
+    batch_size: global train batch B.
+    eval_batch_size: global eval batch.
+    seed: seeds the train offsets together with the step.
+    bytes_per_token: bytes of text per token, for bits per byte. 1.0 for the byte-level corpora; for 'tokens'
+      corpora the tokenizer is unknown here, so it is 1.0 too and "bits per byte" is then bits per token.
+  """
+  train_tokens: np.ndarray = dataclasses.field(repr=False)
+  val_tokens: np.ndarray = dataclasses.field(repr=False)
+  seq_len: int
+  batch_size: int
+  eval_batch_size: int
+  seed: int
+  bytes_per_token: float = 1.0
+
+  def train_batch(self, step, process_index=0, process_count=1):
+    """This process's rows of the global train batch of `step`: int32 [B / process_count, S+1].
+
+    The global batch takes B windows at offsets drawn by `np.random.default_rng([seed, step])`, so it is a pure
+    function of (seed, step); process p gets the contiguous rows [p·B/P, (p+1)·B/P).
+    """
+    if step < 0:
+      raise ValueError(f'train_batch: step must be >= 0, got {step}')
+    lo, hi = _process_rows(self.batch_size, process_index, process_count, 'data.batch_size')
+    rng = np.random.default_rng([self.seed, step])
+    starts = rng.integers(0, len(self.train_tokens) - self.seq_len, size=self.batch_size)
+    return self._windows(self.train_tokens, starts[lo:hi])
+
+  def eval_batches(self, num_batches, process_index=0, process_count=1):
+    """`num_batches` arrays int32 [eval_batch_size / process_count, S+1], the same on every call.
+
+    Window j (counting rows across batches) is val_tokens[j·(S+1) : (j+1)·(S+1)], wrapping around to the start
+    when the validation split holds fewer windows.
+    """
+    lo, hi = _process_rows(self.eval_batch_size, process_index, process_count, 'data.eval_batch_size')
+    window = self.seq_len + 1
+    num_windows = len(self.val_tokens) // window
+    batches = []
+    for b in range(num_batches):
+      rows = (b * self.eval_batch_size + np.arange(lo, hi)) % num_windows
+      batches.append(self._windows(self.val_tokens, rows * window))
+    return batches
+
+  def _windows(self, tokens, starts):
+    """Rows tokens[start : start + S + 1] for each start, as int32 [len(starts), S+1]."""
+    index = np.asarray(starts, np.int64)[:, None] + np.arange(self.seq_len + 1)
+    return np.asarray(tokens[index], dtype=np.int32)
+
+
+def _process_rows(batch_size, process_index, process_count, field):
+  """[lo, hi) rows of a global batch that belong to one process."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
+  if batch_size % process_count:
+    raise ValueError(f'{field}={batch_size} is not divisible by process_count={process_count}')
+  local = batch_size // process_count
+  return process_index * local, (process_index + 1) * local
+
+
+def make_dataset(data_config, seed, vocab_size):
+  """The Dataset that `data_config` (the config's `data` section) describes.
+
+  Args:
+    data_config: ConfigDict with corpus, paths, token_dtype, val_fraction, seq_len, batch_size, eval_batch_size.
+    seed: int, seeds the train batch offsets.
+    vocab_size: the model's vocabulary size; every token id must be below it.
+
+  Returns:
+    A Dataset. Token streams are cached per process, so building it twice is cheap.
+  """
+  corpus = data_config.corpus
+  val_fraction = float(data_config.val_fraction)
+  if corpus not in CORPORA:
+    raise ValueError(f'data.corpus must be one of {CORPORA}, got {corpus!r}')
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f'data.val_fraction must be in (0, 1), got {val_fraction}')
+  for field in ('seq_len', 'batch_size', 'eval_batch_size'):
+    if data_config[field] < 1:
+      raise ValueError(f'data.{field} must be >= 1, got {data_config[field]}')
+  if corpus == 'tokens':
+    if data_config.token_dtype not in TOKEN_DTYPES:
+      raise ValueError(f'data.token_dtype must be one of {TOKEN_DTYPES}, got {data_config.token_dtype!r}')
+    train, val = _load_tokens(data_config.paths, data_config.token_dtype, val_fraction, vocab_size)
+  else:
+    if vocab_size < VOCAB_SIZE:
+      raise ValueError(f'model.vocab_size={vocab_size} is smaller than the byte tokenizer\'s {VOCAB_SIZE} '
+                       f'(256 bytes + EOD) needed by data.corpus={corpus!r}')
+    if corpus == 'stdlib':
+      train, val = _load_stdlib(stdlib_root(), val_fraction)
+    else:
+      train, val = _load_text(data_config.paths, val_fraction)
+  for name, tokens in (('train', train), ('validation', val)):
+    if len(tokens) < data_config.seq_len + 1:
+      raise ValueError(f'data.seq_len={data_config.seq_len}: a window of seq_len+1 tokens is longer than the '
+                       f'{name} split of data.corpus={corpus!r} ({len(tokens)} tokens)')
+    tokens.flags.writeable = False
+  return Dataset(train_tokens=train, val_tokens=val, seq_len=int(data_config.seq_len),
+                 batch_size=int(data_config.batch_size), eval_batch_size=int(data_config.eval_batch_size),
+                 seed=int(seed), bytes_per_token=1.0)

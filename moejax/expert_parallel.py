@@ -1,0 +1,162 @@
+"""Expert parallelism: each device holds E / n experts; token slots travel to them by all_to_all.
+
+Shapes: T tokens (this device's T_l inside shard_map), D d_model, E experts, E_l = E / n local
+experts (n = size of the expert mesh axis), C capacity, G groups, N token slots sorted by expert.
+
+Only the dispatch runs under `jax.shard_map`; the router, its aux losses and the shared experts
+stay outside, in GSPMD's global view, so the losses and metrics are those of one device by
+construction and expert choice (which ranks tokens across the whole batch) stays exact.
+Inside the shard_map every device runs the single-device dispatch of `moejax.dispatch` on its own
+tokens, with an `expert_fn` that wraps the local experts in all_to_alls:
+
+  capacity / dense: the dispatch hands over a buffer [..., E, C', D]. Expert block j (experts
+    j·E_l .. (j+1)·E_l - 1) goes to device j, which stacks what it receives from the n devices
+    along the capacity axis, runs its E_l experts once, and sends every block back. Capacity is
+    computed per group of `group_size` consecutive tokens; groups never straddle devices (the
+    group size divides T_l), so exactly the same slots drop as on one device.
+  ragged (dropless): the dispatch hands over x [N, D] sorted by expert and group_sizes [E]. The
+    rows for device j are one contiguous run of x; each device sends every other device a padded
+    block of N rows (the worst case: all of its slots may pick experts of one device) together
+    with the E_l counts, re-sorts what it receives by local expert, runs the grouped matmul and
+    sends the rows back to where they came from. Memory per device is n·N·D, the price of a fixed
+    shape; `jax.lax.ragged_all_to_all` would send only the real rows but is not available on CPU.
+
+The expert weights enter the shard_map split along E only (dimensions sharded over fsdp or
+model are gathered on the way in), so tensor parallelism inside an expert is not used here.
+Gradients need nothing special: all_to_all is its own transpose, and shard_map sums the weight
+gradients over the data axes that replicate the weights.
+"""
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax import dispatch as dispatch_lib
+from moejax import experts as experts_lib
+from moejax import sharding
+from moejax.routing import Routing
+
+ExpertFn = dispatch_lib.ExpertFn
+
+
+def buffer_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int) -> ExpertFn:
+  """Wraps local experts (buffers [..., E_l, C, D]) into a fn of global buffers [..., E, C, D].
+
+  Covers the capacity ([E, G·C, D]) and dense ([E, T, D]) dispatches and [G, E, C, D] buffers.
+  """
+  def fn(x: jax.Array) -> jax.Array:
+    e_dim = x.ndim - 3
+    lead, (e, c, d) = x.shape[:e_dim], x.shape[e_dim:]
+    x = x.reshape(lead + (axis_size, e // axis_size, c, d))
+    # After the exchange dim e_dim indexes the source device instead of the destination.
+    x = jax.lax.all_to_all(x, axis, e_dim, e_dim)
+    x = jnp.moveaxis(x, e_dim, e_dim + 1)  # [..., E_l, n, C, D]
+    x = x.reshape(lead + (e // axis_size, axis_size * c, d))
+    out = local_fn(x)
+    out = jnp.moveaxis(out.reshape(lead + (e // axis_size, axis_size, c, d)), e_dim + 1, e_dim)
+    out = jax.lax.all_to_all(out, axis, e_dim, e_dim)
+    return out.reshape(lead + (e, c, d))
+  return fn
+
+
+def ragged_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int) -> ExpertFn:
+  """Wraps local experts (x [N', D], group_sizes [E_l]) into a fn of (x [N, D], group_sizes [E])."""
+  def fn(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    n_rows, d = x.shape
+    per_device = group_sizes.reshape(axis_size, -1)  # [n, E_l]
+    device_rows = jnp.sum(per_device, axis=1)  # [n]
+    device_start = jnp.cumsum(device_rows) - device_rows
+    row = jnp.arange(n_rows)
+
+    # Send: block j holds this device's rows for device j's experts, zero-padded to N rows.
+    take = device_start[:, None] + row  # [n, N]
+    valid = row < device_rows[:, None]
+    send = jnp.where(valid[..., None], x[jnp.minimum(take, n_rows - 1)], 0)  # [n, N, D]
+    received = jax.lax.all_to_all(send, axis, 0, 0)  # [n (source), N, D]
+    counts = jax.lax.all_to_all(per_device, axis, 0, 0)  # [n (source), E_l]
+
+    # Each source's rows arrive sorted by local expert; padding gets key E_l and sorts last.
+    ends = jnp.cumsum(counts, axis=1)
+    local_expert = jax.vmap(lambda e: jnp.searchsorted(e, row, side='right'))(ends)  # [n, N]
+    order = jnp.argsort(local_expert.reshape(-1), stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    out = local_fn(received.reshape(-1, d)[order], jnp.sum(counts, axis=0).astype(jnp.int32))
+    out = out[inverse].reshape(axis_size, n_rows, d)
+    returned = jax.lax.all_to_all(out, axis, 0, 0)  # [n (owner), N, D]
+
+    # Row i of x went to the owner of its expert, at position i - device_start[owner].
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side='right')  # E for padding rows
+    owner = jnp.minimum(expert // per_device.shape[1], axis_size - 1)
+    y = returned[owner, jnp.clip(row - device_start[owner], 0, n_rows - 1)]
+    return jnp.where((expert < group_sizes.shape[0])[:, None], y, 0)
+  return fn
+
+
+def token_axes() -> tuple[str, ...]:
+  """Mesh axes the tokens are split over: those of the 'batch' rule in flax's current rules."""
+  return sharding.mesh_axes_for('batch', tuple(nn.get_logical_axis_rules()))
+
+
+def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert_axis: str,
+             num_experts: int, top_k: int, capacity_factor: float, group_size: int,
+             activation: str = 'swiglu', gmm_impl: str = 'auto', dtype=jnp.float32
+             ) -> tuple[jax.Array, jax.Array]:
+  """`moejax.dispatch.dispatch` with the experts split over mesh axis `expert_axis`.
+
+  x [T, D] and routing ([T, K] leaves) in the global view, split over the 'batch' mesh axes;
+  expert_params {'wi_0': [E, D, F], 'wi_1': [E, D, F], 'wo': [E, F, D]} (boxed or not). The mesh
+  and the logical axis rules come from the context (`sharding.mesh_context`).
+  Returns (y [T, D], dropped_fraction []) equal to the single-device dispatch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    raise ValueError(f'expert_axis={expert_axis!r} needs a mesh: call inside '
+                     'moejax.sharding.mesh_context(mesh, rules)')
+  if expert_axis not in mesh.axis_names:
+    raise ValueError(f'expert_axis={expert_axis!r}; allowed values: the mesh axes {mesh.axis_names}')
+  axes = token_axes()
+  if expert_axis not in axes:
+    raise ValueError(f"expert_axis={expert_axis!r} must split the tokens, but the 'batch' rule "
+                     f'maps to {axes}')
+  axis_size = mesh.shape[expert_axis]
+  if num_experts % axis_size:
+    raise ValueError(f'num_experts={num_experts} is not divisible by the size of mesh axis '
+                     f'{expert_axis!r} ({axis_size})')
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if x.shape[0] % shards or (name == 'capacity' and (x.shape[0] // shards) % group_size):
+    raise ValueError(f'tokens T={x.shape[0]} must split evenly over the {shards} devices of mesh '
+                     f'axes {axes}, into whole capacity groups (group_size={group_size})')
+
+  params = nn.unbox(expert_params)
+  weights = tuple(params[k].astype(dtype) for k in ('wi_0', 'wi_1', 'wo'))
+  routing = Routing(expert_index=routing.expert_index, combine_weight=routing.combine_weight,
+                    metrics={})
+
+  def body(x, routing, wi_0, wi_1, wo):
+    # Mark the weights as varying over the data axes too, as the tokens are: a custom-VJP kernel's
+    # weight gradient then type-checks, and shard_map sums it over those axes on the way out.
+    data_axes = tuple(a for a in axes if a != expert_axis)
+    if data_axes:
+      wi_0, wi_1, wo = (jax.lax.pcast(w, data_axes, to='varying') for w in (wi_0, wi_1, wo))
+    local_fn = functools.partial(experts_lib.expert_ffn, wi_0, wi_1, wo, activation=activation,
+                                 gmm_impl=gmm_impl)
+    buffer_fn = buffer_expert_fn(local_fn, expert_axis, axis_size)
+    ragged_fn = ragged_expert_fn(local_fn, expert_axis, axis_size)
+
+    def expert_fn(x, group_sizes=None):
+      return buffer_fn(x) if group_sizes is None else ragged_fn(x, group_sizes)
+
+    y, dropped = dispatch_lib.dispatch(
+        name, x, routing, expert_fn, num_experts=num_experts, top_k=top_k,
+        capacity_factor=capacity_factor, group_size=group_size)
+    # The global share is total drops over total filled slots (expert choice fills unevenly).
+    filled = jnp.sum(routing.expert_index >= 0).astype(jnp.float32)
+    dropped = jax.lax.psum(dropped * filled, axes) / jnp.maximum(jax.lax.psum(filled, axes), 1.0)
+    return y, dropped
+
+  tokens, experts = P(axes), P(expert_axis)
+  return jax.shard_map(body, in_specs=(tokens, tokens, experts, experts, experts),
+                       out_specs=(tokens, P()))(x, routing, *weights)

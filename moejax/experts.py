@@ -1,0 +1,108 @@
+"""Stacked expert FFNs and the dense gated FFN used for shared experts and dense layers.
+
+Shapes: E experts, D d_model, F d_ff, C slots per expert, G groups, N token slots sorted by expert.
+
+Both activations are gated (three matrices wi_0, wi_1, wo), so the parameter tree does not depend
+on the activation: swiglu = wo(silu(x wi_0) * (x wi_1)) (Shazeer 2020, as in Mixtral/DeepSeek) and
+gelu = wo(gelu(x wi_0) * (x wi_1)), i.e. GeGLU (same paper).
+"""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels.grouped_matmul import grouped_matmul
+
+ACTIVATIONS = {'swiglu': nn.silu, 'gelu': nn.gelu}
+
+Initializer = Callable[..., jax.Array]
+
+
+def check_activation(activation: str):
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'activation={activation!r}; allowed values: {sorted(ACTIVATIONS)}')
+
+
+def expert_ffn(wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, x: jax.Array,
+               group_sizes: jax.Array | None = None, *, activation: str = 'swiglu',
+               gmm_impl: str = 'auto') -> jax.Array:
+  """The expert maths as a pure function of the weights (handy for shard_map expert parallelism).
+
+  wi_0, wi_1 [E, D, F], wo [E, F, D], all in the compute dtype, and either
+    group_sizes None: x [E, C, D] or [G, E, C, D] -> same shape (batched einsum), or
+    group_sizes [E] int32: x [N, D] sorted by expert -> [N, D] (three grouped matmuls; rows past
+    sum(group_sizes) come out zero).
+  """
+  act = ACTIVATIONS[activation]
+  if group_sizes is not None:
+    h = act(grouped_matmul(x, wi_0, group_sizes, impl=gmm_impl))
+    h = h * grouped_matmul(x, wi_1, group_sizes, impl=gmm_impl)
+    return grouped_matmul(h, wo, group_sizes, impl=gmm_impl)
+  if x.ndim == 3:
+    h = act(jnp.einsum('ecd,edf->ecf', x, wi_0)) * jnp.einsum('ecd,edf->ecf', x, wi_1)
+    return jnp.einsum('ecf,efd->ecd', h, wo)
+  if x.ndim == 4:
+    h = act(jnp.einsum('gecd,edf->gecf', x, wi_0)) * jnp.einsum('gecd,edf->gecf', x, wi_1)
+    return jnp.einsum('gecf,efd->gecd', h, wo)
+  raise ValueError(f'expert inputs must be [E, C, D] or [G, E, C, D]; got shape {x.shape}')
+
+
+class Experts(nn.Module):
+  """E gated FFNs with stacked weights wi_0, wi_1 [E, D, F] and wo [E, F, D].
+
+  Fine-grained setups (DeepSeek-MoE: many small experts, e.g. E=64, top_k=6..8, small F) are just
+  other values of the fields.
+  """
+  num_experts: int
+  d_ff: int
+  activation: str = 'swiglu'
+  gmm_impl: str = 'auto'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.variance_scaling(
+      1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, group_sizes: jax.Array | None = None) -> jax.Array:
+    """x [E, C, D] / [G, E, C, D] (group_sizes None) or x [N, D] with group_sizes [E]."""
+    check_activation(self.activation)
+    d_model = x.shape[-1]
+    e, f = self.num_experts, self.d_ff
+    wi_0 = self.param('wi_0', nn.with_logical_partitioning(
+        self.kernel_init, ('expert', 'embed', 'mlp')), (e, d_model, f), self.param_dtype)
+    wi_1 = self.param('wi_1', nn.with_logical_partitioning(
+        self.kernel_init, ('expert', 'embed', 'mlp')), (e, d_model, f), self.param_dtype)
+    wo = self.param('wo', nn.with_logical_partitioning(
+        self.kernel_init, ('expert', 'mlp', 'embed')), (e, f, d_model), self.param_dtype)
+    x, wi_0, wi_1, wo = nn.dtypes.promote_dtype(x, wi_0, wi_1, wo, dtype=self.dtype)
+    return expert_ffn(wi_0, wi_1, wo, x, group_sizes, activation=self.activation,
+                      gmm_impl=self.gmm_impl)
+
+
+class GatedFFN(nn.Module):
+  """One dense gated FFN, [..., D] -> [..., D]: wi_0, wi_1 [D, F], wo [F, D].
+
+  Used for DeepSeek-MoE shared experts (n shared experts of width F = one FFN of width n·F) and
+  by `moe.DenseFFN`.
+  """
+  d_ff: int
+  activation: str = 'swiglu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_activation(self.activation)
+    d_model = x.shape[-1]
+    wi_0 = self.param('wi_0', nn.with_logical_partitioning(self.kernel_init, ('embed', 'mlp')),
+                      (d_model, self.d_ff), self.param_dtype)
+    wi_1 = self.param('wi_1', nn.with_logical_partitioning(self.kernel_init, ('embed', 'mlp')),
+                      (d_model, self.d_ff), self.param_dtype)
+    wo = self.param('wo', nn.with_logical_partitioning(self.kernel_init, ('mlp', 'embed')),
+                    (self.d_ff, d_model), self.param_dtype)
+    x, wi_0, wi_1, wo = nn.dtypes.promote_dtype(x, wi_0, wi_1, wo, dtype=self.dtype)
+    act = ACTIVATIONS[self.activation]
+    h = act(jnp.einsum('...d,df->...f', x, wi_0)) * jnp.einsum('...d,df->...f', x, wi_1)
+    return jnp.einsum('...f,fd->...d', h, wo)

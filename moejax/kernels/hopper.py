@@ -1,0 +1,178 @@
+"""Hopper (sm90) grouped matmuls on the Pallas Mosaic-GPU kernels that ship with JAX.
+
+Shapes: M rows (token slots sorted by group), K contraction of the forward, N output of the forward,
+G groups (experts).
+
+Three products make a grouped matmul and its gradients:
+  gmm      y  [M, N] = x  [M, K] @ w[g]   [K, N]   `ragged_dot_mgpu.ragged_dot`
+  gmm_t    dx [M, K] = dy [M, N] @ w[g]^T [N, K]   `ragged_dot_mgpu.ragged_dot(transpose_rhs=True)`
+  tgmm     dw [G, K, N] = x_g^T [K, M_g] @ dy_g [M_g, N]   `transposed_ragged_dot_mgpu`
+
+The kernels want: equal fp16/bf16 operand dtypes, the contraction a multiple of `block_k`, the
+output columns a multiple of `block_n` (and for `tgmm` the output rows a multiple of `block_m`).
+Small misfits are padded here with zeros; anything else gets a reason string from `*_reason`, and
+the caller (grouped_matmul.py) falls back to `jax.lax.ragged_dot`. The forward kernels leave rows
+past `sum(group_sizes)` unwritten, so those rows are zeroed with a `where` that XLA fuses into the
+consumer.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_DTYPES = (jnp.bfloat16, jnp.float16)
+# Padding a dimension by more than this share of its size costs more than the kernel saves.
+_MAX_PAD_FRACTION = 0.125
+# The kernels' TMA tiles want the row count to be a multiple of 8.
+_ROW_MULTIPLE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Tile sizes of one Mosaic-GPU kernel call (see the kernels' docstrings in JAX)."""
+  block_m: int
+  block_n: int
+  block_k: int
+  max_concurrent_steps: int
+  grid_block_n: int
+
+
+# Measured on one H100 SXM (jax 0.11.2, bf16, docs/gpu_kernel_notes.md), keyed by (op, K, N) of the
+# forward product [M, K] x [G, K, N]; `_default_config` serves other shapes.
+TUNED: dict[tuple[str, int, int], BlockConfig] = {
+    ('gmm', 4096, 2048): BlockConfig(128, 128, 64, 4, 4),
+    ('gmm', 1408, 2048): BlockConfig(128, 128, 64, 4, 8),
+    ('gmm', 14336, 4096): BlockConfig(128, 128, 64, 4, 4),
+    ('tgmm', 2048, 4096): BlockConfig(128, 128, 64, 4, 1),
+    ('tgmm', 4096, 14336): BlockConfig(128, 128, 64, 4, 1),
+}
+
+
+def _default_config(op: str, k: int, n: int) -> BlockConfig:
+  """128x128 tiles, 64-deep steps; 64-wide tiles where 128 does not divide the dimension."""
+  block_n = 128 if n % 128 == 0 else 64
+  if op == 'tgmm':
+    return BlockConfig(block_m=128 if k % 128 == 0 else 64, block_n=block_n, block_k=64,
+                       max_concurrent_steps=4, grid_block_n=4)
+  return BlockConfig(block_m=128, block_n=block_n, block_k=64, max_concurrent_steps=5,
+                     grid_block_n=4)
+
+
+def block_config(op: str, k: int, n: int) -> BlockConfig:
+  """Tile sizes for `op` in ('gmm', 'gmm_t', 'tgmm') of the forward product [M, k] x [G, k, n]."""
+  if op not in ('gmm', 'gmm_t', 'tgmm'):
+    raise ValueError(f"op must be 'gmm', 'gmm_t' or 'tgmm', got {op!r}")
+  if (op, k, n) in TUNED:
+    return TUNED[(op, k, n)]
+  # gmm_t contracts over n and writes k columns.
+  return _default_config(op, n, k) if op == 'gmm_t' else _default_config(op, k, n)
+
+
+def _round_up(a: int, b: int) -> int:
+  return -(-a // b) * b
+
+
+@functools.lru_cache(maxsize=None)
+def platform_reason() -> str | None:
+  """None when the default device is an sm90 GPU with the Mosaic-GPU kernels, else why not."""
+  device = jax.devices()[0]
+  if device.platform != 'gpu':
+    return f'default device is {device.platform}, not an sm90 GPU'
+  capability = getattr(device, 'compute_capability', '')
+  if not str(capability).startswith('9.'):
+    return f'GPU compute capability {capability} is not 9.x (Hopper)'
+  try:
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # noqa: F401
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # noqa: F401
+  except ImportError as e:
+    return f'Mosaic-GPU kernels unavailable: {e}'
+  return None
+
+
+def _shape_reason(dtype, dims: dict[str, tuple[int, int]]) -> str | None:
+  """Common checks; dims maps a name to (size, required multiple)."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+    return f'dtype {jnp.dtype(dtype).name} is not bfloat16/float16'
+  for name, (size, multiple) in dims.items():
+    if size == 0:
+      return f'{name}=0'
+    pad = _round_up(size, multiple) - size
+    if pad > _MAX_PAD_FRACTION * size:
+      return f'{name}={size} needs padding by {pad} to a multiple of {multiple}'
+  return None
+
+
+def gmm_reason(m: int, k: int, n: int, dtype) -> str | None:
+  """Why `gmm` cannot serve [m, k] x [G, k, n] (None if it can)."""
+  cfg = block_config('gmm', k, n)
+  return _shape_reason(dtype, {'M': (m, 1), 'K': (k, cfg.block_k), 'N': (n, cfg.block_n)})
+
+
+def gmm_t_reason(m: int, k: int, n: int, dtype) -> str | None:
+  """Why `gmm_t` cannot serve [m, n] x [G, k, n]^T (None if it can)."""
+  cfg = block_config('gmm_t', k, n)
+  return _shape_reason(dtype, {'M': (m, 1), 'N': (n, cfg.block_k), 'K': (k, cfg.block_n)})
+
+
+def tgmm_reason(m: int, k: int, n: int, dtype) -> str | None:
+  """Why `tgmm` cannot serve x [m, k], dy [m, n] -> [G, k, n] (None if it can)."""
+  cfg = block_config('tgmm', k, n)
+  return _shape_reason(dtype, {'M': (m, 1), 'K': (k, cfg.block_m), 'N': (n, cfg.block_n)})
+
+
+def _pad_axis(a, axis: int, multiple: int):
+  size = a.shape[axis]
+  pad = _round_up(size, multiple) - size
+  if pad == 0:
+    return a
+  widths = [(0, 0)] * a.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(a, widths)
+
+
+def _zero_tail_rows(y, group_sizes):
+  """Rows past sum(group_sizes) are never written by the kernel."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, (y.shape[0], 1), 0)
+  return jnp.where(rows < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
+
+
+def _kwargs(cfg: BlockConfig) -> dict[str, int]:
+  return dataclasses.asdict(cfg)
+
+
+def gmm(x, w, group_sizes):
+  """[M, K] x [G, K, N] -> [M, N] (bf16/fp16, f32 accumulation); check `gmm_reason` first."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+  m, k = x.shape
+  n = w.shape[2]
+  cfg = block_config('gmm', k, n)
+  xp = _pad_axis(_pad_axis(x, 1, cfg.block_k), 0, _ROW_MULTIPLE)
+  wp = _pad_axis(_pad_axis(w, 1, cfg.block_k), 2, cfg.block_n)
+  y = ragged_dot_mgpu.ragged_dot(xp, wp, group_sizes=group_sizes, **_kwargs(cfg))
+  return _zero_tail_rows(y[:m, :n], group_sizes)
+
+
+def gmm_t(dy, w, group_sizes):
+  """[M, N] x [G, K, N]^T -> [M, K]: the input gradient of `gmm`; check `gmm_t_reason` first."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+  m = dy.shape[0]
+  k, n = w.shape[1:]
+  cfg = block_config('gmm_t', k, n)
+  dyp = _pad_axis(_pad_axis(dy, 1, cfg.block_k), 0, _ROW_MULTIPLE)
+  wp = _pad_axis(_pad_axis(w, 2, cfg.block_k), 1, cfg.block_n)
+  dx = ragged_dot_mgpu.ragged_dot(dyp, wp, group_sizes=group_sizes, transpose_rhs=True,
+                                  **_kwargs(cfg))
+  return _zero_tail_rows(dx[:m, :k], group_sizes)
+
+
+def tgmm(x, dy, group_sizes):
+  """x [M, K], dy [M, N] -> [G, K, N], dw[g] = x_g^T dy_g; check `tgmm_reason` first."""
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+  k, n = x.shape[1], dy.shape[1]
+  cfg = block_config('tgmm', k, n)
+  xp = _pad_axis(_pad_axis(x, 1, cfg.block_m), 0, _ROW_MULTIPLE)
+  dyp = _pad_axis(_pad_axis(dy, 1, cfg.block_n), 0, _ROW_MULTIPLE)
+  dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(xp, dyp, group_sizes=group_sizes,
+                                                        **_kwargs(cfg))
+  return dw[:, :k, :n]

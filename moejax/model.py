@@ -1,0 +1,284 @@
+"""Decoder-only Transformer LM whose feed-forward blocks are dense FFNs or MoE layers.
+
+Shapes: B batch, S sequence (query) length, R key/value length (S, or the cache length when
+decoding), D d_model, H heads, N head_dim (D // H), V vocab, E experts, L layers.
+
+Pre-norm blocks `x += attn(norm(x)); x += ffn(norm(x))` with rotary positions (Su et al. 2021,
+RoFormer) and RMSNorm (Zhang & Sennrich 2019). Layer `i` is an MoE layer when `ffn == 'moe'`,
+`i >= first_dense_layers` and `(i - first_dense_layers) % moe_every == 0`; otherwise a dense FFN.
+Decoding (`decode=True`) keeps post-RoPE keys and values in the 'cache' collection.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moejax import moe as moe_lib
+
+AUX_MEAN_KEYS = ('load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy')
+FFN_KINDS = ('dense', 'moe')
+
+_ACTIVATION_MATMULS = {'swiglu': 3, 'gelu': 2}  # weight matrices per FFN (wi_0, wi_1, wo | wi, wo)
+
+
+def _partitioned(init_fn, names):
+  return nn.with_logical_partitioning(init_fn, names)
+
+
+def _fan_in_init(in_axis, out_axis):
+  return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                          in_axis=in_axis, out_axis=out_axis)
+
+
+def is_moe_layer(model_config, layer):
+  """Whether layer `layer` (0-based) uses the MoE FFN under `model_config`."""
+  if model_config.ffn != 'moe' or layer < model_config.first_dense_layers:
+    return False
+  return (layer - model_config.first_dense_layers) % model_config.moe_every == 0
+
+
+def validate_config(model_config):
+  """Raises ValueError naming the offending `model.*` field."""
+  if model_config.ffn not in FFN_KINDS:
+    raise ValueError(f'model.ffn={model_config.ffn!r}; expected one of {FFN_KINDS}')
+  if model_config.d_model % model_config.num_heads:
+    raise ValueError(f'model.d_model={model_config.d_model} is not divisible by '
+                     f'model.num_heads={model_config.num_heads}')
+  if (model_config.d_model // model_config.num_heads) % 2:
+    raise ValueError(f'model.d_model // model.num_heads = '
+                     f'{model_config.d_model // model_config.num_heads} must be even for '
+                     'rotary embeddings')
+  if model_config.moe_every < 1:
+    raise ValueError(f'model.moe_every={model_config.moe_every}; expected an integer >= 1')
+  if model_config.first_dense_layers < 0:
+    raise ValueError(f'model.first_dense_layers={model_config.first_dense_layers}; '
+                     'expected an integer >= 0')
+  if model_config.moe.activation not in _ACTIVATION_MATMULS:
+    raise ValueError(f'model.moe.activation={model_config.moe.activation!r}; expected one of '
+                     f'{tuple(_ACTIVATION_MATMULS)}')
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with float32 statistics whatever the compute dtype. [..., D] -> [..., D]."""
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', _partitioned(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x, positions, base):
+  """Rotates channel pairs (i, i + N/2) of x [B, S, H, N] by angle position * base^(-2i/N).
+
+  positions: [S] int. Computed in float32 (bf16 angles lose whole radians at long positions).
+  """
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [S, N/2]
+  sin = jnp.sin(angle)[None, :, None, :]
+  cos = jnp.cos(angle)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention with RoPE and an optional KV cache. [B, S, D] -> [B, S, D]."""
+  num_heads: int
+  rope_base: float
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, decode=False):
+    d_model = x.shape[-1]
+    head_dim = d_model // self.num_heads
+    qkv_shape = (d_model, self.num_heads, head_dim)
+    qkv_init = _partitioned(_fan_in_init(0, (1, 2)), ('embed', 'heads', 'kv'))
+    x = x.astype(self.dtype)
+    q, k, v = (
+        jnp.einsum('BSD,DHN->BSHN', x,
+                   self.param(name, qkv_init, qkv_shape, self.param_dtype).astype(self.dtype))
+        for name in ('query', 'key', 'value'))
+
+    if decode and self.has_variable('cache', 'cached_key'):
+      out = self._attend_cached(q, k, v)
+    else:
+      # Under `init(..., decode=True)` this branch creates the cache, sized by the init input.
+      if decode:
+        self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+        self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+        self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+      positions = jnp.arange(x.shape[1])
+      q = apply_rope(q, positions, self.rope_base)
+      k = apply_rope(k, positions, self.rope_base)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=None)
+
+    out_kernel = self.param('out', _partitioned(_fan_in_init((0, 1), 2), ('heads', 'kv', 'embed')),
+                            (self.num_heads, head_dim, d_model), self.param_dtype)
+    return jnp.einsum('BSHN,HND->BSD', out, out_kernel.astype(self.dtype))
+
+  def _attend_cached(self, q, k, v):
+    """Writes the S new keys/values at the cache index and attends over the valid prefix."""
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    index = cache_index.value
+    positions = index + jnp.arange(q.shape[1])  # [S]
+    q = apply_rope(q, positions, self.rope_base)
+    k = apply_rope(k, positions, self.rope_base)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
+    cache_index.value = index + q.shape[1]
+    kv_positions = jnp.arange(cached_key.value.shape[1])  # [R]
+    mask = kv_positions[None, :] <= positions[:, None]  # [S, R]: causal, and past the index
+    return jax.nn.dot_product_attention(q, cached_key.value, cached_value.value,
+                                        mask=mask[None, None], implementation=None)
+
+
+class Block(nn.Module):
+  """Pre-norm Transformer block: attention, then a dense or MoE FFN. [B, S, D] -> ([B, S, D], aux)."""
+  config: ml_collections.FrozenConfigDict
+  use_moe: bool
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False, decode=False):
+    cfg = self.config
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = RMSNorm(name='attn_norm', **dtypes)(x)
+    x = x + CausalSelfAttention(cfg.num_heads, cfg.rope_base, name='attn', **dtypes)(h, decode)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    h = RMSNorm(name='ffn_norm', **dtypes)(x)
+    if self.use_moe:
+      m = cfg.moe
+      ffn = moe_lib.MoE(
+          num_experts=m.num_experts, top_k=m.top_k, d_ff=m.d_ff, dispatch=m.dispatch,
+          capacity_factor=m.capacity_factor, group_size=m.group_size,
+          num_shared_experts=m.num_shared_experts, router=m.router,
+          normalize_top_k=m.normalize_top_k, jitter_noise=m.jitter_noise,
+          activation=m.activation, gmm_impl=m.gmm_impl,
+          aux_free_bias_rate=m.aux_free_bias_rate, name='ffn', **dtypes)
+      y, aux = ffn(h, train=train)
+    else:
+      # Dense layers share the MoE activation so dense baselines differ from MoE only in routing.
+      y, aux = moe_lib.DenseFFN(cfg.d_ff, activation=cfg.moe.activation, name='ffn', **dtypes)(h)
+    x = x + y.astype(self.dtype)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), aux
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only LM. tokens [B, S] int32 -> (logits [B, S, V] float32, aux dict).
+
+  aux: `aux_loss` () = Σ_moe-layers (load_balance_weight · lb + z_loss_weight · z); the means over
+  MoE layers of `load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy` (0.0
+  without MoE layers); `expert_fraction` [L_moe, E] ([0, 1] without MoE layers).
+  """
+  config: ml_collections.FrozenConfigDict  # the `model` section of an experiment config
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, train=False, decode=False):
+    cfg = self.config
+    if tokens.shape[1] > cfg.max_seq_len:
+      raise ValueError(f'input length {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}')
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # N(0, 1) embeddings with tied logits scaled by 1/sqrt(D), as in PaLM (Chowdhery et al. 2022).
+    embedding = self.param('embedding', _partitioned(nn.initializers.normal(1.0), ('vocab', 'embed')),
+                           (cfg.vocab_size, cfg.d_model), self.param_dtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+    moe_aux = []
+    for layer in range(cfg.num_layers):
+      use_moe = is_moe_layer(cfg, layer)
+      x, aux = Block(cfg, use_moe, name=f'layer_{layer}', **dtypes)(x, train=train, decode=decode)
+      if use_moe:
+        moe_aux.append(aux)
+
+    x = RMSNorm(name='final_norm', **dtypes)(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum('BSD,VD->BSV', x, embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32) / jnp.sqrt(float(cfg.d_model))
+    else:
+      kernel = self.param('logits', _partitioned(_fan_in_init(0, 1), ('embed', 'vocab')),
+                          (cfg.d_model, cfg.vocab_size), self.param_dtype)
+      logits = jnp.einsum('BSD,DV->BSV', x, kernel.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    return logits, _combine_aux(moe_aux, cfg.moe)
+
+
+def _combine_aux(moe_aux, moe_config):
+  """Weighted aux loss summed over MoE layers, plus per-layer metrics averaged over them."""
+  if not moe_aux:
+    zero = jnp.zeros((), jnp.float32)
+    return dict(aux_loss=zero, expert_fraction=jnp.zeros((0, 1), jnp.float32),
+                **{key: zero for key in AUX_MEAN_KEYS})
+  stacked = {key: jnp.stack([a[key].astype(jnp.float32) for a in moe_aux])
+             for key in AUX_MEAN_KEYS + ('expert_fraction',)}
+  aux_loss = (moe_config.load_balance_weight * jnp.sum(stacked['load_balance_loss'])
+              + moe_config.z_loss_weight * jnp.sum(stacked['router_z_loss']))
+  return dict(aux_loss=aux_loss, expert_fraction=stacked['expert_fraction'],
+              **{key: jnp.mean(stacked[key]) for key in AUX_MEAN_KEYS})
+
+
+def build_model(model_config, policy):
+  """TransformerLM from the `config.model` ConfigDict and a precision `Policy`."""
+  validate_config(model_config)
+  return TransformerLM(ml_collections.FrozenConfigDict(model_config),
+                       dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
+
+
+def _moe_matmul_params_per_token(model_config):
+  """Active matmul params of one MoE FFN for one token: top_k + shared experts, plus the router."""
+  m = model_config.moe
+  expert = _ACTIVATION_MATMULS[m.activation] * model_config.d_model * m.d_ff
+  return (m.top_k + m.num_shared_experts) * expert + model_config.d_model * m.num_experts
+
+
+def flops_per_token(model_config, seq_len):
+  """Training FLOPs per token: 6 · (active matmul params) + 12 · L · D · S (attention).
+
+  Counts the q, k, v, out projections (4 D²), each FFN (dense: 3 D F for SwiGLU, 2 D F for GELU;
+  MoE: top_k routed + shared experts of width moe.d_ff, plus the D·E router) and the D·V output
+  projection (tied or not); the embedding lookup is not a matmul. Attention scores and values
+  cost 2 · 2 · S · D forward per token and layer, ×3 for training, counted over the full S×S
+  square although causal masking skips half of it (the PaLM / MaxText convention). Expert-choice
+  routing is counted as top_k experts per token, its average.
+  """
+  validate_config(model_config)
+  d = model_config.d_model
+  dense_ffn = _ACTIVATION_MATMULS[model_config.moe.activation] * d * model_config.d_ff
+  matmul_params = d * model_config.vocab_size
+  for layer in range(model_config.num_layers):
+    matmul_params += 4 * d * d
+    matmul_params += (_moe_matmul_params_per_token(model_config) if is_moe_layer(model_config, layer)
+                      else dense_ffn)
+  return 6 * matmul_params + 12 * model_config.num_layers * d * seq_len
+
+
+def param_counts(params, model_config):
+  """dict(total=, active=): all parameters, and those one token uses (top_k of E routed experts).
+
+  params: the 'params' collection, boxed or not. Routed expert weights live under a module named
+  'experts' (see moejax.moe); shared experts, router, attention and embeddings are always active.
+  """
+  m = model_config.moe
+  total = active = 0
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]
+  for path, leaf in flat:
+    total += leaf.size
+    if 'experts' in [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]:
+      active += leaf.size * m.top_k // m.num_experts
+    else:
+      active += leaf.size
+  return dict(total=total, active=active)

@@ -1,0 +1,147 @@
+"""The MoE layer (router + dispatch + experts + shared experts) and the dense FFN baseline.
+
+Shapes: B batch, S seq, D d_model, T tokens (B·S), E experts, K top_k, F d_ff.
+
+Both layers return `(y [B, S, D], aux)` where aux holds float32 `load_balance_loss` [],
+`router_z_loss` [], `expert_fraction` [E] ([1] for DenseFFN), `dropped_fraction` [] and
+`router_entropy` []; the model weights and sums the losses.
+"""
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax import dispatch as dispatch_lib
+from moejax import experts as experts_lib
+from moejax import routing as routing_lib
+
+
+def dense_aux() -> dict[str, jax.Array]:
+  """The aux dict of a layer without routing: no losses, one 'expert' that gets every token."""
+  zero = jnp.zeros((), jnp.float32)
+  return dict(load_balance_loss=zero, router_z_loss=zero, expert_fraction=jnp.ones((1,)),
+              dropped_fraction=zero, router_entropy=zero)
+
+
+class DenseFFN(nn.Module):
+  """Dense gated FFN with the MoE interface, for dense layers and dense baselines."""
+  d_ff: int
+  activation: str = 'swiglu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B, S, D] -> (y [B, S, D], aux)."""
+    del train
+    chex.assert_rank(x, 3)
+    y = experts_lib.GatedFFN(self.d_ff, self.activation, self.dtype, self.param_dtype,
+                             name='mlp')(x)
+    return y, dense_aux()
+
+
+class MoE(nn.Module):
+  """Mixture-of-Experts FFN.
+
+  Attributes:
+    num_experts: E routed experts.
+    top_k: experts per token (token choice) or the k in expert choice's capacity.
+    d_ff: width F of each expert (and of each shared expert).
+    dispatch: 'dense' (reference), 'capacity' (token dropping) or 'ragged' (dropless).
+    capacity_factor: slack of the capacity dispatch and of expert choice.
+    group_size: tokens per capacity group; 0 = one group per sequence.
+    num_shared_experts: DeepSeek-MoE shared experts that see every token (one FFN of width n·F).
+    router: one of routing.ROUTERS.
+    normalize_top_k: renormalise the top-k gates to sum to 1.
+    jitter_noise: Switch's multiplicative router-input noise (training only).
+    activation: 'swiglu' or 'gelu' (GeGLU).
+    gmm_impl: grouped-matmul implementation for the ragged dispatch.
+    aux_free_bias_rate: bias step of the 'aux_free' router.
+    dtype: compute dtype of the experts; param_dtype: dtype of all params. The router runs in
+      float32 whatever these are.
+  """
+  num_experts: int
+  top_k: int
+  d_ff: int
+  dispatch: str = 'ragged'
+  capacity_factor: float = 1.25
+  group_size: int = 0
+  num_shared_experts: int = 0
+  router: str = 'top_k'
+  normalize_top_k: bool = True
+  jitter_noise: float = 0.0
+  activation: str = 'swiglu'
+  gmm_impl: str = 'auto'
+  aux_free_bias_rate: float = 1e-3
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _validate(self):
+    if self.num_experts < 1:
+      raise ValueError(f'num_experts={self.num_experts}; must be >= 1')
+    if not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f'top_k={self.top_k}; allowed values: 1..num_experts={self.num_experts}')
+    if self.d_ff < 1:
+      raise ValueError(f'd_ff={self.d_ff}; must be >= 1')
+    if self.capacity_factor <= 0:
+      raise ValueError(f'capacity_factor={self.capacity_factor}; must be > 0')
+    if self.group_size < 0:
+      raise ValueError(f'group_size={self.group_size}; must be >= 0 (0 = one group per sequence)')
+    if self.num_shared_experts < 0:
+      raise ValueError(f'num_shared_experts={self.num_shared_experts}; must be >= 0')
+    if self.jitter_noise < 0:
+      raise ValueError(f'jitter_noise={self.jitter_noise}; must be >= 0')
+    if self.dispatch not in dispatch_lib.DISPATCHES:
+      raise ValueError(f'dispatch={self.dispatch!r}; allowed values: {dispatch_lib.DISPATCHES}')
+    if self.router not in routing_lib.ROUTERS:
+      raise ValueError(f'router={self.router!r}; allowed values: {routing_lib.ROUTERS}')
+    experts_lib.check_activation(self.activation)
+
+  def _check_param_shapes(self, d_model: int):
+    """Params made for another d_model/E/F fail here with a ValueError, not an XLA shape error."""
+    e, f, fs = self.num_experts, self.d_ff, self.num_shared_experts * self.d_ff
+    expected = {
+        ('router', 'kernel'): (d_model, e),
+        ('experts', 'wi_0'): (e, d_model, f),
+        ('experts', 'wi_1'): (e, d_model, f),
+        ('experts', 'wo'): (e, f, d_model),
+        ('shared_experts', 'wi_0'): (d_model, fs),
+        ('shared_experts', 'wo'): (fs, d_model),
+    }
+    params = self.variables.get('params', {})
+    for (module, name), shape in expected.items():
+      if module in params and name in params[module]:
+        got = jnp.shape(nn.unbox(params[module][name]))
+        if got != shape:
+          raise ValueError(
+              f'param {module}/{name} has shape {got} but the input and fields need {shape} '
+              f'(d_model={d_model}, num_experts={e}, d_ff={f}, '
+              f'num_shared_experts={self.num_shared_experts})')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B, S, D] -> (y [B, S, D] in `dtype`, aux dict of float32)."""
+    self._validate()
+    chex.assert_rank(x, 3)
+    batch, seq, d_model = x.shape
+    self._check_param_shapes(d_model)
+    tokens = x.reshape(batch * seq, d_model)
+
+    routing = routing_lib.make_router(
+        self.router, num_experts=self.num_experts, top_k=self.top_k,
+        normalize_top_k=self.normalize_top_k, jitter_noise=self.jitter_noise,
+        capacity_factor=self.capacity_factor, bias_rate=self.aux_free_bias_rate,
+        param_dtype=self.param_dtype)(tokens, train=train)
+    experts = experts_lib.Experts(self.num_experts, self.d_ff, self.activation, self.gmm_impl,
+                                  self.dtype, self.param_dtype, name='experts')
+    y, dropped = dispatch_lib.dispatch(
+        self.dispatch, tokens.astype(self.dtype), routing, experts,
+        num_experts=self.num_experts, top_k=self.top_k, capacity_factor=self.capacity_factor,
+        group_size=self.group_size or seq)
+    if self.num_shared_experts:
+      y = y + experts_lib.GatedFFN(self.num_shared_experts * self.d_ff, self.activation,
+                                   self.dtype, self.param_dtype, name='shared_experts')(tokens)
+    aux = dict(routing.metrics, dropped_fraction=dropped)
+    return y.reshape(batch, seq, d_model).astype(self.dtype), aux

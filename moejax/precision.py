@@ -1,0 +1,165 @@
+"""Mixed precision: dtype policies, fp16 dynamic loss scaling, optimizer-state dtypes.
+
+A `Policy` names three dtypes: params are stored in `param_dtype`, matmuls run in `compute_dtype`,
+and logits/losses come out in `output_dtype`. Every module takes its `dtype`/`param_dtype` from the
+policy, except the router, its softmax/top-k and the aux losses, which always run in float32
+(ST-MoE's "selective precision", Zoph et al. 2022).
+
+fp16 needs loss scaling (Micikevicius et al. 2018): multiply the loss by S before the backward pass,
+divide the grads by S, skip the step and halve S on overflow, double S after `period` finite steps.
+"""
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Parameter, compute and output dtypes of a model."""
+  param_dtype: jnp.dtype
+  compute_dtype: jnp.dtype
+  output_dtype: jnp.dtype
+
+  def cast_to_param(self, tree: PyTree) -> PyTree:
+    return _cast_floating(tree, self.param_dtype)
+
+  def cast_to_compute(self, tree: PyTree) -> PyTree:
+    return _cast_floating(tree, self.compute_dtype)
+
+  def cast_to_output(self, tree: PyTree) -> PyTree:
+    return _cast_floating(tree, self.output_dtype)
+
+
+def _cast_floating(tree, dtype):
+  """Casts floating-point leaves; integer leaves (tokens, indices) keep their dtype."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+POLICIES = {
+    'fp32': Policy(jnp.float32, jnp.float32, jnp.float32),
+    'bf16': Policy(jnp.float32, jnp.bfloat16, jnp.float32),
+    'pure_bf16': Policy(jnp.bfloat16, jnp.bfloat16, jnp.float32),
+    'fp16': Policy(jnp.float32, jnp.float16, jnp.float32),
+}
+
+
+def _check_policy_name(name: str):
+  if name not in POLICIES:
+    raise ValueError(f'precision.policy={name!r}; allowed values: {sorted(POLICIES)}')
+
+
+def get_policy(name: str) -> Policy:
+  """Returns the preset policy 'fp32' | 'bf16' | 'pure_bf16' | 'fp16'."""
+  _check_policy_name(name)
+  return POLICIES[name]
+
+
+def _dtype_from_name(field: str, name: str) -> jnp.dtype:
+  allowed = ('float32', 'bfloat16', 'float16')
+  if name not in allowed:
+    raise ValueError(f'precision.{field}={name!r}; allowed values: {allowed} or empty')
+  return jnp.dtype(name)
+
+
+def optimizer_state_dtypes(policy_name: str, mu_dtype: str = '',
+                           nu_dtype: str = '') -> tuple[jnp.dtype, jnp.dtype]:
+  """Adam moment dtypes (mu, nu) for a policy; non-empty `mu_dtype`/`nu_dtype` override.
+
+  pure_bf16 keeps both moments in bf16 (memory); bf16 keeps mu in bf16 but nu in float32, because
+  nu moves by a relative (1 - b2) ~ 1e-3 per step, below bf16's 2^-8 resolution, so it would stall;
+  all other policies use float32.
+  """
+  _check_policy_name(policy_name)
+  if policy_name == 'pure_bf16':
+    mu, nu = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)
+  elif policy_name == 'bf16':
+    mu, nu = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+  else:
+    mu, nu = jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)
+  if mu_dtype:
+    mu = _dtype_from_name('mu_dtype', mu_dtype)
+  if nu_dtype:
+    nu = _dtype_from_name('nu_dtype', nu_dtype)
+  return mu, nu
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Scalar bool array: True when every element of every leaf is finite."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """Leafwise `where(pred, on_true, on_false)`; used to skip an update whose grads overflowed."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+@flax.struct.dataclass
+class DynamicLossScale:
+  """fp16 dynamic loss scale; pure and jit-friendly (a pytree of two scalars).
+
+  scale: float32 [] current scale; good_steps: int32 [] consecutive finite steps since the last
+  change; period: finite steps before the scale grows; factor: growth (and shrink) factor.
+  """
+  scale: jax.Array
+  good_steps: jax.Array
+  period: int = flax.struct.field(pytree_node=False, default=2000)
+  factor: float = flax.struct.field(pytree_node=False, default=2.0)
+
+  def scale_loss(self, loss: jax.Array) -> jax.Array:
+    return loss * self.scale.astype(loss.dtype)
+
+  def unscale(self, grads: PyTree) -> PyTree:
+    inv = 1.0 / self.scale
+    return jax.tree.map(lambda g: (g * inv).astype(g.dtype), grads)
+
+  def adjust(self, grads_finite: jax.Array) -> 'DynamicLossScale':
+    """New scale after a step: shrink by `factor` on overflow (never below 1), grow after `period`
+    consecutive finite steps. The caller skips the parameter update when `grads_finite` is False."""
+    grow = grads_finite & (self.good_steps + 1 >= self.period)
+    scale = jnp.where(grads_finite,
+                      jnp.where(grow, self.scale * self.factor, self.scale),
+                      jnp.maximum(self.scale / self.factor, 1.0))
+    good_steps = jnp.where(grads_finite & ~grow, self.good_steps + 1, 0)
+    return self.replace(scale=scale.astype(jnp.float32), good_steps=good_steps.astype(jnp.int32))
+
+
+@flax.struct.dataclass
+class NoOpLossScale:
+  """The loss scale of every policy but fp16: scale 1, nothing to adjust."""
+
+  @property
+  def scale(self) -> jax.Array:
+    return jnp.array(1.0, jnp.float32)
+
+  def scale_loss(self, loss: jax.Array) -> jax.Array:
+    return loss
+
+  def unscale(self, grads: PyTree) -> PyTree:
+    return grads
+
+  def adjust(self, grads_finite: jax.Array) -> 'NoOpLossScale':
+    del grads_finite
+    return self
+
+
+def loss_scale_for(policy_name: str, init: float = 2.0**15,
+                   period: int = 2000) -> DynamicLossScale | NoOpLossScale:
+  """A `DynamicLossScale(init, period)` for 'fp16', a `NoOpLossScale` for the other policies."""
+  _check_policy_name(policy_name)
+  if policy_name != 'fp16':
+    return NoOpLossScale()
+  if init < 1.0:
+    raise ValueError(f'precision.loss_scale_init={init}; must be >= 1')
+  if period < 1:
+    raise ValueError(f'precision.loss_scale_period={period}; must be >= 1')
+  return DynamicLossScale(scale=jnp.array(init, jnp.float32),
+                          good_steps=jnp.array(0, jnp.int32), period=int(period))

@@ -1,0 +1,254 @@
+"""Routers: score tokens against experts and pick token slots; auxiliary losses and metrics.
+
+Shapes: T tokens (B*S flattened), D d_model, E experts, K slots per token (top_k; E for expert
+choice), C tokens per expert (expert choice).
+
+Every router is a Linen module `router(x [T, D], train) -> Routing` whose kernel [D, E] is the
+param 'kernel'. Routing runs in float32 whatever the policy (ST-MoE selective precision): x is cast
+to float32 before the matmul, and the softmax, top-k and losses stay in float32.
+
+A `Routing` describes K slots per token: `expert_index[t, j]` is the expert of slot j of token t,
+or -1 when the slot is empty (expert choice leaves most slots empty), and `combine_weight[t, j]`
+its gate (0 for empty slots). Every dispatch treats -1 as "no slot": it takes no capacity and no
+compute.
+"""
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ROUTERS = ('top_k', 'noisy_top_k', 'expert_choice', 'aux_free')
+
+Initializer = Callable[..., jax.Array]
+default_router_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+@flax.struct.dataclass
+class Routing:
+  """expert_index [T, K] int32 (-1 = empty slot), combine_weight [T, K] float32, metrics dict."""
+  expert_index: jax.Array
+  combine_weight: jax.Array
+  metrics: dict[str, jax.Array]
+
+
+# ----------------------------------------------------------------------------- aux losses
+
+
+def expert_fraction(expert_index: jax.Array, num_experts: int) -> jax.Array:
+  """[T, K] -> [E] float32: share of the filled slots sent to each expert (sums to 1)."""
+  counts = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=(0, 1))
+  return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def load_balance_loss(probs: jax.Array, expert_index: jax.Array) -> jax.Array:
+  """Switch Transformer (Fedus et al. 2021) eq. 4: E · Σ_e f_e · P_e; 1.0 when balanced.
+
+  probs [T, E] router probabilities; expert_index [T, K]. f_e (slot share, no gradient) comes from
+  `expert_fraction`, P_e is the mean router probability of e (carries the gradient).
+  """
+  num_experts = probs.shape[-1]
+  f = jax.lax.stop_gradient(expert_fraction(expert_index, num_experts))
+  p = jnp.mean(probs.astype(jnp.float32), axis=0)
+  return num_experts * jnp.sum(f * p)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """ST-MoE (Zoph et al. 2022) eq. 5: mean over tokens of logsumexp(logits)²; logits [T, E]."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def router_entropy(probs: jax.Array) -> jax.Array:
+  """Mean over tokens of the entropy (nats) of the router distribution; probs [T, E]."""
+  return jnp.mean(jnp.sum(jax.scipy.special.entr(probs.astype(jnp.float32)), axis=-1))
+
+
+def routing_metrics(logits: jax.Array, probs: jax.Array, expert_index: jax.Array
+                    ) -> dict[str, jax.Array]:
+  """The router's share of the MoE `aux` dict (dispatch adds `dropped_fraction`)."""
+  return dict(
+      load_balance_loss=load_balance_loss(probs, expert_index),
+      router_z_loss=router_z_loss(logits),
+      expert_fraction=expert_fraction(expert_index, probs.shape[-1]),
+      router_entropy=router_entropy(probs),
+  )
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _router_logits(module: nn.Module, x: jax.Array, num_experts: int, jitter_noise: float,
+                   train: bool, param_dtype: Any, kernel_init: Initializer) -> jax.Array:
+  """Float32 logits [T, E] of x [T, D] against the module's 'kernel' [D, E].
+
+  Jitter (Switch Transformer): in training, multiply the router input by U(1-eps, 1+eps) noise
+  drawn from the 'router' rng stream, so routing does not lock onto tiny logit differences.
+  """
+  kernel = module.param('kernel', nn.with_logical_partitioning(kernel_init, ('embed', None)),
+                        (x.shape[-1], num_experts), param_dtype)
+  x = x.astype(jnp.float32)
+  if train and jitter_noise > 0.0:
+    x = x * jax.random.uniform(module.make_rng('router'), x.shape, jnp.float32,
+                               1.0 - jitter_noise, 1.0 + jitter_noise)
+  return jnp.einsum('td,de->te', x, kernel.astype(jnp.float32))
+
+
+def _top_k_routing(logits: jax.Array, probs: jax.Array, selection_scores: jax.Array, top_k: int,
+                   normalize_top_k: bool) -> Routing:
+  """Picks the top_k experts of each token by `selection_scores` [T, E]; gates from `probs`."""
+  _, expert_index = jax.lax.top_k(selection_scores, top_k)
+  gate = jnp.take_along_axis(probs, expert_index, axis=-1)
+  if normalize_top_k:
+    gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+  expert_index = expert_index.astype(jnp.int32)
+  return Routing(expert_index=expert_index, combine_weight=gate,
+                 metrics=routing_metrics(logits, probs, expert_index))
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+class TopKRouter(nn.Module):
+  """Token choice: softmax over experts, keep the top_k, optionally renormalise their gates.
+
+  Switch Transformer (Fedus et al. 2021) for top_k=1, GShard (Lepikhin et al. 2020) / Mixtral for
+  top_k=2. With top_k=1 and normalize_top_k the gate is always 1, so the router learns only from
+  the aux loss; Switch uses normalize_top_k=False.
+  """
+  num_experts: int
+  top_k: int
+  normalize_top_k: bool = True
+  jitter_noise: float = 0.0
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = default_router_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
+    """x [T, D] -> Routing with K = top_k."""
+    logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
+                            self.param_dtype, self.kernel_init)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k)
+
+
+class NoisyTopKRouter(nn.Module):
+  """Noisy top-k gating (Shazeer et al. 2017): logits + N(0, 1) · softplus(x @ noise_kernel).
+
+  The noise (rng stream 'router') is added only when train=True; at eval this is TopKRouter.
+  The noise kernel starts at zero, as in the paper, i.e. with noise std softplus(0) ≈ 0.69.
+  """
+  num_experts: int
+  top_k: int
+  normalize_top_k: bool = True
+  jitter_noise: float = 0.0
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = default_router_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
+    """x [T, D] -> Routing with K = top_k."""
+    logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
+                            self.param_dtype, self.kernel_init)
+    noise_kernel = self.param(
+        'noise_kernel', nn.with_logical_partitioning(nn.initializers.zeros, ('embed', None)),
+        (x.shape[-1], self.num_experts), self.param_dtype)
+    if train:
+      noise_std = jax.nn.softplus(
+          jnp.einsum('td,de->te', x.astype(jnp.float32), noise_kernel.astype(jnp.float32)))
+      logits = logits + noise_std * jax.random.normal(self.make_rng('router'), logits.shape)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k)
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
+                           capacity_factor: float) -> int:
+  """Tokens per expert in expert choice: ceil(capacity_factor · T · k / E), capped at T."""
+  return min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+class ExpertChoiceRouter(nn.Module):
+  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router probability.
+
+  C = ceil(capacity_factor · T · top_k / E) capped at T, over all T tokens of the call (so a token's
+  routing depends on the other tokens of the batch, later positions included; fine for encoders
+  and for study, leaky for autoregressive decoding). The Routing has K = E slots per token: slot e
+  holds expert e when e chose the token (gate = its probability, unnormalised), else -1 and gate 0.
+  Every expert gets exactly C tokens; a token may get none or up to E.
+  """
+  num_experts: int
+  top_k: int
+  capacity_factor: float = 1.0
+  jitter_noise: float = 0.0
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = default_router_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
+    """x [T, D] -> Routing with K = E."""
+    num_tokens = x.shape[0]
+    logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
+                            self.param_dtype, self.kernel_init)
+    probs = jax.nn.softmax(logits, axis=-1)
+    capacity = expert_choice_capacity(num_tokens, self.num_experts, self.top_k,
+                                      self.capacity_factor)
+    _, token_index = jax.lax.top_k(probs.T, capacity)  # [E, C]
+    chosen = jnp.zeros((self.num_experts, num_tokens), bool).at[
+        jnp.arange(self.num_experts)[:, None], token_index].set(True).T  # [T, E]
+    expert_index = jnp.where(chosen, jnp.arange(self.num_experts, dtype=jnp.int32), -1)
+    combine_weight = jnp.where(chosen, probs, 0.0)
+    return Routing(expert_index=expert_index, combine_weight=combine_weight,
+                   metrics=routing_metrics(logits, probs, expert_index))
+
+
+class AuxFreeRouter(nn.Module):
+  """Auxiliary-loss-free balancing (DeepSeek-V3, Liu et al. 2024, sec. 2.1.2).
+
+  A per-expert bias b is added to the router probabilities for top-k selection only; the gates come
+  from the unbiased probabilities. After each training step b_e += rate · sign(mean_load - load_e)
+  (outside the gradient), so overloaded experts become less likely to be picked. b lives in the
+  non-trainable collection 'router_state' ('bias' [E], float32) and is updated only when train=True
+  and that collection is mutable. DeepSeek-V3 scores with sigmoids; we keep the softmax so that the
+  aux metrics mean the same for every router.
+  """
+  num_experts: int
+  top_k: int
+  normalize_top_k: bool = True
+  jitter_noise: float = 0.0
+  bias_rate: float = 1e-3
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = default_router_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
+    """x [T, D] -> Routing with K = top_k."""
+    bias = self.variable('router_state', 'bias', jnp.zeros, (self.num_experts,), jnp.float32)
+    logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
+                            self.param_dtype, self.kernel_init)
+    probs = jax.nn.softmax(logits, axis=-1)
+    routing = _top_k_routing(logits, probs, probs + bias.value, self.top_k,
+                             self.normalize_top_k)
+    if train and self.is_mutable_collection('router_state') and not self.is_initializing():
+      load = jnp.sum(jax.nn.one_hot(routing.expert_index, self.num_experts, dtype=jnp.float32),
+                     axis=(0, 1))
+      mean_load = routing.expert_index.size / self.num_experts
+      bias.value = bias.value + self.bias_rate * jnp.sign(mean_load - load)
+    return routing
+
+
+def make_router(name: str, *, num_experts: int, top_k: int, normalize_top_k: bool = True,
+                jitter_noise: float = 0.0, capacity_factor: float = 1.0,
+                bias_rate: float = 1e-3, param_dtype: Any = jnp.float32) -> nn.Module:
+  """The router called `name` (one of ROUTERS), as the Linen submodule 'router'."""
+  common = dict(num_experts=num_experts, top_k=top_k, jitter_noise=jitter_noise,
+                param_dtype=param_dtype, name='router')
+  if name == 'top_k':
+    return TopKRouter(normalize_top_k=normalize_top_k, **common)
+  if name == 'noisy_top_k':
+    return NoisyTopKRouter(normalize_top_k=normalize_top_k, **common)
+  if name == 'expert_choice':
+    return ExpertChoiceRouter(capacity_factor=capacity_factor, **common)
+  if name == 'aux_free':
+    return AuxFreeRouter(normalize_top_k=normalize_top_k, bias_rate=bias_rate, **common)
+  raise ValueError(f'router={name!r}; allowed values: {ROUTERS}')

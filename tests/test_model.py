@@ -1,0 +1,176 @@
+"""Tests for moejax.model: shapes, causality, aux losses, precision, FLOPs, param counts, validation."""
+import functools
+import importlib.util
+import pathlib
+
+from absl.testing import parameterized
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import model as model_lib
+from moejax import precision
+
+B, S = 2, 8
+
+_CONFIG_PATH = pathlib.Path(__file__).parents[1] / 'experiments' / 'configs' / 'moe_tiny.py'
+_spec = importlib.util.spec_from_file_location('moe_tiny', _CONFIG_PATH)
+moe_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(moe_tiny)
+
+
+def tiny_config(**overrides):
+  """D=32, 2 layers, 4 experts of width 16, vocab 64."""
+  config = moe_tiny.get_config('smoke').model
+  config.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=16)
+  config.moe.update(num_experts=4, top_k=2, d_ff=16, load_balance_weight=0.3, z_loss_weight=0.7)
+  config.update(overrides)
+  return config
+
+
+def tokens_for(seed=0, batch=B, length=S, vocab=64):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(ffn, tie_embeddings, policy_name):
+  model = model_lib.build_model(tiny_config(ffn=ffn, tie_embeddings=tie_embeddings),
+                                precision.get_policy(policy_name))
+  return model, jax.jit(model.init)(jax.random.key(0), tokens_for())
+
+
+class ModelTest(parameterized.TestCase):
+
+  @parameterized.product(ffn=('dense', 'moe'), tie_embeddings=(False, True))
+  def test_shapes_dtypes_and_aux(self, ffn, tie_embeddings):
+    model, variables = _init(ffn, tie_embeddings, 'fp32')
+    logits, aux = model.apply(variables, tokens_for())
+    chex.assert_shape(logits, (B, S, 64))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+    self.assertEqual(set(aux), {'aux_loss', 'load_balance_loss', 'router_z_loss',
+                                'dropped_fraction', 'router_entropy', 'expert_fraction'})
+    chex.assert_shape(aux['expert_fraction'], (2, 4) if ffn == 'moe' else (0, 1))
+    params = variables['params']
+    self.assertEqual('logits' in params, not tie_embeddings)
+    self.assertEqual('experts' in params['layer_0']['ffn'], ffn == 'moe')
+
+  def test_every_param_has_logical_axis_names(self):
+    _, variables = _init('moe', False, 'fp32')
+    leaves = jax.tree.leaves(variables['params'],
+                             is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    self.assertNotEmpty(leaves)
+    for leaf in leaves:
+      self.assertIsInstance(leaf, nn.LogicallyPartitioned)
+      self.assertLen(leaf.names, leaf.value.ndim)
+    params = variables['params']
+    self.assertEqual(params['embedding'].names, ('vocab', 'embed'))
+    self.assertEqual(params['layer_0']['attn']['query'].names, ('embed', 'heads', 'kv'))
+    self.assertEqual(params['layer_0']['attn']['out'].names, ('heads', 'kv', 'embed'))
+    self.assertEqual(params['logits'].names, ('embed', 'vocab'))
+
+  @parameterized.parameters('dense', 'moe')
+  def test_causal(self, ffn):
+    model, variables = _init(ffn, False, 'fp32')
+    tokens = tokens_for()
+    t = 5
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % 64)
+    logits, _ = model.apply(variables, tokens)
+    logits_changed, _ = model.apply(variables, changed)
+    np.testing.assert_allclose(logits[:, :t], logits_changed[:, :t], rtol=0, atol=1e-6)
+    self.assertGreater(float(jnp.max(jnp.abs(logits[:, t:] - logits_changed[:, t:]))), 1e-3)
+
+  def test_aux_loss_is_weighted_sum_over_moe_layers(self):
+    model, variables = _init('moe', False, 'fp32')
+    apply = jax.jit(functools.partial(model.apply, capture_intermediates=True,
+                                      mutable=['intermediates']))
+    (_, aux), state = apply(variables, tokens_for())
+    layer_aux = [state['intermediates'][f'layer_{i}']['ffn']['__call__'][0][1] for i in (0, 1)]
+    expected = sum(0.3 * a['load_balance_loss'] + 0.7 * a['router_z_loss'] for a in layer_aux)
+    np.testing.assert_allclose(aux['aux_loss'], expected, rtol=1e-6)
+    self.assertGreater(float(aux['aux_loss']), 0.0)
+    for key in model_lib.AUX_MEAN_KEYS:
+      np.testing.assert_allclose(aux[key], (layer_aux[0][key] + layer_aux[1][key]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(aux['expert_fraction'],
+                               jnp.stack([a['expert_fraction'] for a in layer_aux]), rtol=1e-6)
+
+  def test_dense_model_has_zero_aux_loss(self):
+    model, variables = _init('dense', False, 'fp32')
+    _, aux = model.apply(variables, tokens_for())
+    self.assertEqual(float(aux['aux_loss']), 0.0)
+
+  def test_moe_layer_placement(self):
+    config = tiny_config(num_layers=4, first_dense_layers=1, moe_every=2)
+    self.assertEqual([model_lib.is_moe_layer(config, i) for i in range(4)],
+                     [False, True, False, True])
+    model = model_lib.build_model(config, precision.get_policy('fp32'))
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens_for())
+    params = variables['params']
+    self.assertEqual(['experts' in params[f'layer_{i}']['ffn'] for i in range(4)],
+                     [False, True, False, True])
+    _, aux = jax.eval_shape(model.apply, variables, tokens_for())
+    self.assertEqual(aux['expert_fraction'].shape, (2, 4))
+
+  def test_bf16_policy(self):
+    model, variables = _init('moe', False, 'bf16')
+    params = nn.unbox(variables['params'])
+    self.assertEqual(params['layer_0']['attn']['query'].dtype, jnp.float32)
+    apply = jax.jit(functools.partial(model.apply, capture_intermediates=True,
+                                      mutable=['intermediates']))
+    (logits, aux), state = apply(variables, tokens_for())
+    inter = state['intermediates']
+    chex.assert_type(inter['layer_0']['__call__'][0][0], jnp.bfloat16)
+    chex.assert_type(inter['layer_1']['attn']['__call__'][0], jnp.bfloat16)
+    chex.assert_type(inter['final_norm']['__call__'][0], jnp.bfloat16)
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_type(aux['aux_loss'], jnp.float32)
+    chex.assert_tree_all_finite(logits)
+
+  def test_pure_bf16_policy_stores_bf16_params(self):
+    model = model_lib.build_model(tiny_config(), precision.get_policy('pure_bf16'))
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens_for())
+    for leaf in jax.tree.leaves(nn.unbox(variables['params'])):
+      self.assertEqual(leaf.dtype, jnp.bfloat16)
+
+  def test_flops_per_token_hand_count(self):
+    # 3 layers: layer 0 dense, 1 MoE, 2 dense (first_dense_layers=1, moe_every=2); D=32, V=64.
+    config = tiny_config(num_layers=3, first_dense_layers=1, moe_every=2)
+    config.moe.num_shared_experts = 1
+    attention_proj = 4 * 32 * 32
+    dense_ffn = 3 * 32 * 64
+    moe_ffn = (2 + 1) * 3 * 32 * 16 + 32 * 4  # top_k + shared experts, router
+    matmul_params = 3 * attention_proj + 2 * dense_ffn + moe_ffn + 32 * 64
+    expected = 6 * matmul_params + 12 * 3 * 32 * 16
+    self.assertEqual(model_lib.flops_per_token(config, seq_len=16), expected)
+
+  def test_flops_per_token_gelu_dense(self):
+    config = tiny_config(ffn='dense', num_layers=1)
+    config.moe.activation = 'gelu'
+    expected = 6 * (4 * 32 * 32 + 2 * 32 * 64 + 32 * 64) + 12 * 1 * 32 * 8
+    self.assertEqual(model_lib.flops_per_token(config, seq_len=8), expected)
+
+  def test_param_counts(self):
+    config = tiny_config()
+    _, variables = _init('moe', False, 'fp32')
+    counts = model_lib.param_counts(variables['params'], config)
+    total = sum(x.size for x in jax.tree.leaves(nn.unbox(variables['params'])))
+    routed_per_layer = 3 * 4 * 32 * 16  # wi_0, wi_1, wo of 4 experts
+    self.assertEqual(counts['total'], total)
+    self.assertEqual(counts['active'], total - 2 * routed_per_layer // 2)  # top 2 of 4 active
+
+  @parameterized.named_parameters(
+      ('heads', dict(num_heads=3), 'model.num_heads'),
+      ('ffn', dict(ffn='sparse'), 'model.ffn'),
+      ('moe_every', dict(moe_every=0), 'model.moe_every'),
+      ('first_dense', dict(first_dense_layers=-1), 'model.first_dense_layers'),
+  )
+  def test_bad_config_raises(self, overrides, field):
+    with self.assertRaisesRegex(ValueError, field):
+      model_lib.build_model(tiny_config(**overrides), precision.get_policy('fp32'))
+
+  def test_input_longer_than_max_seq_len_raises(self):
+    model, variables = _init('dense', False, 'fp32')
+    with self.assertRaisesRegex(ValueError, 'model.max_seq_len=16'):
+      model.apply(variables, tokens_for(length=17))

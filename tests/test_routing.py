@@ -1,0 +1,232 @@
+"""Tests for moejax/routing.py: router maths, aux losses on crafted routings, router variants."""
+import math
+
+from absl.testing import parameterized
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import routing
+
+T, D = 16, 8
+
+
+def tokens(t=T, d=D, seed=0):
+  return jax.random.normal(jax.random.key(seed), (t, d))
+
+
+def np_softmax(logits):
+  z = np.exp(logits - logits.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+class AuxLossTest(parameterized.TestCase):
+
+  def test_balanced_load_balance_loss_is_one(self):
+    # 8 tokens, top-2 over 4 experts: every expert gets 4 of the 16 slots; uniform probs.
+    index = jnp.array([[0, 1], [2, 3]] * 4, jnp.int32)
+    probs = jnp.full((8, 4), 0.25)
+    self.assertAlmostEqual(float(routing.load_balance_loss(probs, index)), 1.0, places=6)
+
+  def test_unbalanced_load_balance_loss_by_hand(self):
+    # 4 tokens, top-1, 2 experts: f = (3/4, 1/4); P = mean probs = (0.6, 0.4).
+    index = jnp.array([[0], [0], [0], [1]], jnp.int32)
+    probs = jnp.array([[0.9, 0.1], [0.7, 0.3], [0.5, 0.5], [0.3, 0.7]])
+    expected = 2 * (0.75 * 0.6 + 0.25 * 0.4)  # = 1.1
+    self.assertAlmostEqual(float(routing.load_balance_loss(probs, index)), expected, places=6)
+
+  def test_load_balance_loss_gradient_flows_through_probs_only(self):
+    index = jnp.array([[0], [0], [0], [1]], jnp.int32)
+    probs = jnp.array([[0.9, 0.1], [0.7, 0.3], [0.5, 0.5], [0.3, 0.7]])
+    grad = jax.grad(routing.load_balance_loss)(probs, index)
+    # d/dP[t, e] of E·Σ f_e·mean_t P = E·f_e / T.
+    np.testing.assert_allclose(grad, np.tile([[2 * 0.75 / 4, 2 * 0.25 / 4]], (4, 1)), rtol=1e-6)
+
+  def test_z_loss_by_hand(self):
+    logits = jnp.array([[0.0, 0.0], [1.0, 2.0], [-1.0, 3.0]])
+    lse = [math.log(2.0), math.log(math.e + math.e**2), math.log(math.exp(-1) + math.exp(3))]
+    expected = sum(v * v for v in lse) / 3
+    self.assertAlmostEqual(float(routing.router_z_loss(logits)), expected, places=5)
+
+  def test_entropy_by_hand(self):
+    probs = jnp.array([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    self.assertAlmostEqual(float(routing.router_entropy(probs)), math.log(2) / 2, places=6)
+
+  def test_expert_fraction_ignores_empty_slots(self):
+    index = jnp.array([[0, -1], [2, -1], [2, 1]], jnp.int32)
+    fraction = routing.expert_fraction(index, 4)
+    np.testing.assert_allclose(fraction, [0.25, 0.25, 0.5, 0.0])
+    self.assertAlmostEqual(float(jnp.sum(fraction)), 1.0, places=6)
+
+
+class TopKRouterTest(parameterized.TestCase):
+
+  @parameterized.parameters((4, 1, True), (4, 2, True), (4, 2, False), (64, 6, True))
+  def test_matches_numpy(self, num_experts, top_k, normalize):
+    router = routing.TopKRouter(num_experts, top_k, normalize_top_k=normalize)
+    x = tokens()
+    variables = jax.jit(router.init)(jax.random.key(1), x)
+    result = jax.jit(router.apply)(variables, x)
+    chex.assert_shape(result.expert_index, (T, top_k))
+    chex.assert_shape(result.combine_weight, (T, top_k))
+    chex.assert_type([result.expert_index, result.combine_weight], [jnp.int32, jnp.float32])
+
+    kernel = np.asarray(nn.unbox(variables)['params']['kernel'], np.float64)
+    chex.assert_shape(kernel, (D, num_experts))
+    probs = np_softmax(np.asarray(x, np.float64) @ kernel)
+    expected_index = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]
+    expected_gate = np.take_along_axis(probs, expected_index, -1)
+    if normalize:
+      expected_gate /= expected_gate.sum(-1, keepdims=True)
+    np.testing.assert_array_equal(result.expert_index, expected_index)
+    np.testing.assert_allclose(result.combine_weight, expected_gate, rtol=1e-5, atol=1e-6)
+
+    metrics = result.metrics
+    chex.assert_shape(metrics['expert_fraction'], (num_experts,))
+    fraction = np.bincount(expected_index.ravel(), minlength=num_experts) / expected_index.size
+    np.testing.assert_allclose(metrics['expert_fraction'], fraction, rtol=1e-6)
+    np.testing.assert_allclose(metrics['load_balance_loss'],
+                               num_experts * np.sum(fraction * probs.mean(0)), rtol=1e-5)
+
+  def test_router_runs_in_float32_for_bf16_inputs_and_params(self):
+    router = routing.TopKRouter(4, 2, param_dtype=jnp.bfloat16)
+    x = tokens().astype(jnp.bfloat16)
+    variables = router.init(jax.random.key(1), x)
+    self.assertEqual(nn.unbox(variables)['params']['kernel'].dtype, jnp.bfloat16)
+    result = router.apply(variables, x)
+    self.assertEqual(result.combine_weight.dtype, jnp.float32)
+    for value in result.metrics.values():
+      self.assertEqual(value.dtype, jnp.float32)
+
+  def test_traces_once(self):
+    router = routing.TopKRouter(4, 2)
+    variables = router.init(jax.random.key(1), tokens())
+    apply = jax.jit(chex.assert_max_traces(lambda v, x: router.apply(v, x), n=1))
+    for seed in range(3):
+      apply(variables, tokens(seed=seed))
+
+
+class NoiseTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      dict(cls=routing.TopKRouter, jitter_noise=0.5),
+      dict(cls=routing.NoisyTopKRouter, jitter_noise=0.0),
+  )
+  def test_noise_only_in_training(self, cls, jitter_noise):
+    router = cls(4, 2, jitter_noise=jitter_noise)
+    x = tokens(t=64)
+    variables = router.init(jax.random.key(1), x)
+
+    def run(train, seed):
+      return router.apply(variables, x, train=train, rngs={'router': jax.random.key(seed)})
+
+    # Eval: deterministic, whatever the rng, and the same as a plain top-k router.
+    plain = routing.TopKRouter(4, 2).apply(
+        {'params': {'kernel': variables['params']['kernel']}}, x)
+    chex.assert_trees_all_close(run(False, 0), run(False, 1), plain)
+    # Training: different rngs give different gates.
+    self.assertGreater(
+        float(jnp.max(jnp.abs(run(True, 0).combine_weight - run(True, 1).combine_weight))), 1e-3)
+
+  def test_noisy_router_has_noise_kernel(self):
+    variables = routing.NoisyTopKRouter(4, 2).init(jax.random.key(1), tokens())
+    chex.assert_shape(nn.unbox(variables)['params']['noise_kernel'], (D, 4))
+
+
+class ExpertChoiceTest(parameterized.TestCase):
+
+  @parameterized.parameters((4, 1, 1.0), (4, 2, 1.0), (8, 2, 1.25), (4, 2, 100.0))
+  def test_every_expert_gets_exactly_capacity_tokens(self, num_experts, top_k, factor):
+    router = routing.ExpertChoiceRouter(num_experts, top_k, capacity_factor=factor)
+    x = tokens()
+    variables = jax.jit(router.init)(jax.random.key(1), x)
+    result = jax.jit(router.apply)(variables, x)
+    capacity = min(T, math.ceil(factor * T * top_k / num_experts))
+    self.assertEqual(routing.expert_choice_capacity(T, num_experts, top_k, factor), capacity)
+    chex.assert_shape(result.expert_index, (T, num_experts))
+
+    index = np.asarray(result.expert_index)
+    gate = np.asarray(result.combine_weight)
+    # Slot e holds e or -1; each expert fills exactly `capacity` slots; empty slots have gate 0.
+    self.assertTrue(np.all((index == np.arange(num_experts)) | (index == -1)))
+    np.testing.assert_array_equal((index >= 0).sum(0), np.full(num_experts, capacity))
+    np.testing.assert_array_equal(gate[index < 0], 0.0)
+
+    kernel = np.asarray(nn.unbox(variables)['params']['kernel'], np.float64)
+    probs = np_softmax(np.asarray(x, np.float64) @ kernel)
+    for e in range(num_experts):
+      chosen = set(np.argsort(-probs[:, e], kind='stable')[:capacity])
+      self.assertEqual(set(np.nonzero(index[:, e] >= 0)[0]), chosen)
+    np.testing.assert_allclose(gate, np.where(index >= 0, probs, 0.0), rtol=1e-5, atol=1e-7)
+    self.assertAlmostEqual(float(result.metrics['load_balance_loss']), 1.0, places=5)
+
+
+class AuxFreeTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.router = routing.AuxFreeRouter(4, 1, bias_rate=0.05)
+    # Inputs whose first feature is large: a kernel that favours expert 0 on it overloads 0.
+    self.x = tokens(t=64).at[:, 0].set(3.0)
+    variables = self.router.init(jax.random.key(1), self.x)
+    kernel = jnp.zeros((D, 4)).at[0, 0].set(0.3).at[1:, :].set(
+        0.1 * jax.random.normal(jax.random.key(2), (D - 1, 4)))
+    self.variables = {'params': {'kernel': kernel}, 'router_state': variables['router_state']}
+
+  def test_bias_moves_toward_balance(self):
+    state = self.variables['router_state']
+    np.testing.assert_array_equal(state['bias'], np.zeros(4))
+    step = jax.jit(lambda s: self.router.apply(
+        {'params': self.variables['params'], 'router_state': s}, self.x, train=True,
+        mutable=['router_state']))
+    first, new = step(state)
+    load0 = np.asarray(first.metrics['expert_fraction'])
+    self.assertGreater(load0[0], 0.5)
+    # One update: the overloaded expert's bias goes down, the others' up.
+    np.testing.assert_allclose(new['router_state']['bias'], np.sign(0.25 - load0) * 0.05)
+    state = new['router_state']
+    for _ in range(30):
+      result, new = step(state)
+      state = new['router_state']
+    load = np.asarray(result.metrics['expert_fraction'])
+    self.assertLess(np.abs(load - 0.25).max(), np.abs(load0 - 0.25).max() / 2)
+    # Gates come from the unbiased probabilities (top-1, normalised: always 1).
+    np.testing.assert_allclose(result.combine_weight, 1.0)
+
+  def test_bias_fixed_in_eval_or_when_immutable(self):
+    _, new = self.router.apply(self.variables, self.x, train=False, mutable=['router_state'])
+    np.testing.assert_array_equal(new['router_state']['bias'], np.zeros(4))
+    result = self.router.apply(self.variables, self.x, train=True)  # not mutable: no update
+    chex.assert_shape(result.expert_index, (64, 1))
+
+  def test_bias_gets_no_gradient(self):
+    def loss(variables):
+      result = self.router.apply(variables, self.x)
+      return jnp.sum(result.combine_weight * jnp.arange(64.0)[:, None]) + sum(
+          jnp.sum(v) for v in result.metrics.values())
+
+    biased = {'params': self.variables['params'],
+              'router_state': {'bias': jnp.array([0.0, 0.3, 0.1, 0.2])}}
+    grads = jax.jit(jax.grad(loss))(biased)
+    np.testing.assert_array_equal(grads['router_state']['bias'], np.zeros(4))
+    self.assertGreater(float(jnp.max(jnp.abs(grads['params']['kernel']))), 0.0)
+
+
+class MakeRouterTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ('top_k', routing.TopKRouter), ('noisy_top_k', routing.NoisyTopKRouter),
+      ('expert_choice', routing.ExpertChoiceRouter), ('aux_free', routing.AuxFreeRouter))
+  def test_names(self, name, cls):
+    router = routing.make_router(name, num_experts=4, top_k=2, capacity_factor=1.5,
+                                 bias_rate=0.1, jitter_noise=0.01)
+    self.assertIsInstance(router, cls)
+    self.assertEqual(router.name, 'router')
+    self.assertEqual(router.jitter_noise, 0.01)
+
+  def test_unknown_name_lists_allowed(self):
+    with self.assertRaisesRegex(ValueError, r"router='switch'.*'top_k'.*'noisy_top_k'.*"
+                                r"'expert_choice'.*'aux_free'"):
+      routing.make_router('switch', num_experts=4, top_k=2)

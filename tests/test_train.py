@@ -1,0 +1,307 @@
+"""Tests for moejax.train: optimizer pieces, the pure train step, and the loop end to end.
+
+The loop tests train the moe_tiny smoke config (D=32, 2 layers, S=32) for a dozen steps.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import parameterized
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moejax import data as data_lib
+from moejax import model as model_lib
+from moejax import precision
+from moejax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ('step_time', 'tokens_per_s', 'mfu', 'flops_per_step')
+
+
+def smoke_config(**train_overrides):
+  path = os.path.join(REPO, 'experiments', 'configs', 'moe_tiny.py')
+  spec = importlib.util.spec_from_file_location('moe_tiny_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('smoke')
+  config.train.update(train_overrides)
+  return config
+
+
+def read_lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def without_timing(lines):
+  return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+
+
+def single_device_state(config):
+  """(model, tx, schedule, unboxed state) on the default device, outside any mesh."""
+  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
+  tx, schedule = train.make_optimizer(config)
+  state = nn.unbox(train.make_init_fn(config, model, tx)(jax.random.PRNGKey(0)))
+  return model, tx, schedule, state
+
+
+def smoke_batch(config, step):
+  ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
+  return jnp.asarray(ds.train_batch(step))
+
+
+class OptimizerTest(parameterized.TestCase):
+
+  def test_scale_by_adam_matches_optax_in_float32(self):
+    params = {'w': jnp.ones((3, 4)), 'b': jnp.zeros((4,))}
+    ours = train.scale_by_adam(0.9, 0.95, 1e-8, jnp.float32, jnp.float32)
+    ref = optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8)
+    ours_state, ref_state = ours.init(params), ref.init(params)
+    for i in range(3):
+      grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+      ours_updates, ours_state = ours.update(grads, ours_state)
+      ref_updates, ref_state = ref.update(grads, ref_state)
+      chex.assert_trees_all_close(ours_updates, ref_updates, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(ours_state.nu, ref_state.nu, rtol=1e-6)
+
+  @parameterized.parameters(
+      ('fp32', jnp.float32, jnp.float32),
+      ('bf16', jnp.bfloat16, jnp.float32),
+      ('pure_bf16', jnp.bfloat16, jnp.bfloat16),
+  )
+  def test_moment_dtypes_follow_the_policy(self, policy, mu_dtype, nu_dtype):
+    config = smoke_config()
+    config.precision.policy = policy
+    model = model_lib.build_model(config.model, precision.get_policy(policy))
+    tx, _ = train.make_optimizer(config)
+    state = nn.unbox(jax.eval_shape(train.make_init_fn(config, model, tx), jax.random.PRNGKey(0)))
+    adam = state.opt_state[1]
+    self.assertIsInstance(adam, optax.ScaleByAdamState)
+    self.assertEqual({x.dtype for x in jax.tree.leaves(adam.mu)}, {jnp.dtype(mu_dtype)})
+    self.assertEqual({x.dtype for x in jax.tree.leaves(adam.nu)}, {jnp.dtype(nu_dtype)})
+
+  def test_pure_bf16_step_keeps_bf16_params_and_moments(self):
+    config = smoke_config()
+    config.precision.policy = 'pure_bf16'
+    model, tx, schedule, state = single_device_state(config)
+    state, metrics = jax.jit(train.make_train_step(model, tx, schedule))(
+        state, smoke_batch(config, 0))
+    self.assertTrue(np.isfinite(metrics['loss']))
+    self.assertEqual({x.dtype for x in jax.tree.leaves(state.params)}, {jnp.dtype(jnp.bfloat16)})
+    adam = state.opt_state[1]
+    self.assertEqual({x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))},
+                     {jnp.dtype(jnp.bfloat16)})
+    self.assertEqual(int(adam.count), 1)
+
+  def test_weight_decay_mask(self):
+    _, _, _, state = single_device_state(smoke_config())
+    mask = train.weight_decay_mask(state.params)
+    self.assertFalse(mask['embedding'])
+    self.assertFalse(mask['final_norm']['scale'])
+    self.assertFalse(mask['layer_0']['attn_norm']['scale'])
+    self.assertTrue(mask['logits'])
+    self.assertTrue(mask['layer_0']['attn']['query'])
+    self.assertTrue(mask['layer_1']['ffn']['experts']['wi_0'])
+
+  def test_learning_rate_schedule(self):
+    config = smoke_config(num_steps=20)
+    config.optim.update(learning_rate=1e-2, warmup_steps=4, end_lr_ratio=0.1)
+    schedule = train.learning_rate_schedule(config)
+    np.testing.assert_allclose(
+        [schedule(0), schedule(2), schedule(4), schedule(12), schedule(20)],
+        [0.0, 5e-3, 1e-2, 5.5e-3, 1e-3], rtol=1e-5, atol=1e-9)
+
+  @parameterized.parameters(
+      ('train.num_steps', 0), ('train.log_every', 0), ('optim.learning_rate', -1.0),
+      ('optim.warmup_steps', 20), ('optim.end_lr_ratio', 2.0), ('optim.b2', 1.0),
+      ('data.seq_len', 64), ('precision.policy', 'fp8'), ('precision.mu_dtype', 'int8'))
+  def test_bad_values_fail_naming_the_field(self, field, value):
+    config = smoke_config()
+    section, key = field.split('.')
+    config[section][key] = value
+    with self.assertRaisesRegex(ValueError, field.replace('.', r'\.')):
+      train.validate_config(config)
+
+
+class TrainStepTest(parameterized.TestCase):
+
+  def test_traces_once_skips_nonfinite_steps_and_resets_the_count(self):
+    config = smoke_config()
+    model, tx, schedule, state = single_device_state(config)
+    step_fn = jax.jit(chex.assert_max_traces(train.make_train_step(model, tx, schedule), n=1),
+                      donate_argnums=0)
+    batch = smoke_batch(config, 0)
+    state, metrics = step_fn(state, batch)
+    self.assertTrue(np.isfinite(metrics['loss']))
+    self.assertEqual(int(metrics['skipped']), 0)
+
+    good = jax.device_get(state)
+    poisoned = state.replace(params={**state.params,
+                                     'logits': jnp.full_like(state.params['logits'], jnp.nan)})
+    before = jax.device_get(poisoned)
+    state, metrics = step_fn(poisoned, batch)
+    self.assertEqual(int(metrics['skipped']), 1)
+    self.assertEqual(int(state.nonfinite_count), 1)
+    self.assertEqual(int(state.step), 2)
+    chex.assert_trees_all_equal(jax.device_get(state.params), before.params)
+    chex.assert_trees_all_equal(jax.device_get(state.opt_state), before.opt_state)
+
+    state, metrics = step_fn(state, batch)
+    self.assertEqual(int(state.nonfinite_count), 2)
+
+    recovered = jax.tree.map(jnp.asarray, good).replace(nonfinite_count=jnp.array(2, jnp.int32))
+    state, metrics = step_fn(recovered, batch)
+    self.assertEqual(int(metrics['skipped']), 0)
+    self.assertEqual(int(state.nonfinite_count), 0)
+    self.assertFalse(np.array_equal(state.params['logits'], good.params['logits']))
+
+  def test_fp16_loss_scale_halves_on_overflow(self):
+    config = smoke_config()
+    config.precision.policy = 'fp16'
+    model, tx, schedule, state = single_device_state(config)
+    step_fn = jax.jit(train.make_train_step(model, tx, schedule))
+    self.assertEqual(float(state.loss_scale.scale), 2.0**15)
+    huge = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.array(1e30, jnp.float32)))
+    state, metrics = step_fn(huge, smoke_batch(config, 0))
+    self.assertEqual(int(metrics['skipped']), 1)
+    self.assertEqual(float(state.loss_scale.scale), 5e29)
+
+
+class _PoisonedDataset:
+  """Wraps a Dataset; train batches from `first_bad_step` on hold an out-of-vocabulary token,
+  whose embedding lookup gives NaN (jnp.take fills out-of-bounds rows with NaN)."""
+
+  def __init__(self, ds, first_bad_step):
+    self._ds, self._first_bad_step = ds, first_bad_step
+
+  def __getattr__(self, name):
+    return getattr(self._ds, name)
+
+  def train_batch(self, step, process_index=0, process_count=1):
+    batch = self._ds.train_batch(step, process_index, process_count)
+    if step >= self._first_bad_step:
+      batch = batch.copy()
+      batch[:, 0] = data_lib.VOCAB_SIZE
+    return batch
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, monkeypatch):
+  make_dataset = data_lib.make_dataset
+  monkeypatch.setattr(train.data_lib, 'make_dataset',
+                      lambda *args: _PoisonedDataset(make_dataset(*args), first_bad_step=3))
+  config = smoke_config(num_steps=10, log_every=1, eval_every=100, checkpoint_every=100,
+                        max_nonfinite_steps=2)
+  with pytest.raises(FloatingPointError, match=r'at step 5 \(train.max_nonfinite_steps=2\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  lines = {line['step']: line for line in read_lines(str(tmp_path)) if 'loss' in line}
+  assert lines[3]['skipped'] == 0 and np.isfinite(lines[3]['loss'])
+  assert lines[4]['skipped'] == 1 and lines[4]['skipped_steps'] == 1
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_identical_and_evaluate_reproduces_the_eval_loss(tmp_path):
+  config = smoke_config(num_steps=12, log_every=2, eval_every=6, checkpoint_every=4,
+                        keep_checkpoints=3)
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  final = train.train_and_evaluate(config, full)
+  assert final['step'] == 12
+
+  lines = read_lines(full)
+  train_lines = [line for line in lines if 'loss' in line]
+  eval_lines = [line for line in lines if 'eval_loss' in line]
+  assert [line['step'] for line in train_lines] == [2, 4, 6, 8, 10, 12]
+  assert [line['step'] for line in eval_lines] == [6, 12]
+  assert len(train_lines[-1]['expert_fraction']) == 2  # per MoE layer
+  assert final['eval_loss'] == eval_lines[-1]['eval_loss']
+  assert final['eval_bits_per_byte'] == pytest.approx(final['eval_loss'] / np.log(2))
+  assert os.path.exists(os.path.join(full, 'metrics.png'))
+
+  # A run that stopped after its step-4 checkpoint (and logged a little past it) resumes there.
+  shutil.copytree(full, resumed)
+  for step in ('8', '12'):
+    shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
+  assert train.train_and_evaluate(config, resumed)['step'] == 12
+  assert without_timing(read_lines(resumed)) == without_timing(lines)
+  _, full_params, _ = train.restore_params(full)
+  _, resumed_params, _ = train.restore_params(resumed)
+  chex.assert_trees_all_equal(resumed_params, full_params)
+
+  evaluated = train.evaluate(train.load_config(full), full)
+  assert evaluated['step'] == 12
+  assert evaluated['eval_loss'] == pytest.approx(eval_lines[-1]['eval_loss'], rel=1e-6)
+
+  config.model.d_model = 64
+  with pytest.raises(ValueError, match=r'model\.d_model: 32 -> 64'):
+    train.train_and_evaluate(config, full)
+
+
+def _committed_steps(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.exists(os.path.join(directory, name,
+                                                                  'commit_success.txt')))
+
+
+def _train_steps(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith('\n') and '"loss"' in line]
+
+
+def _wait_for(predicate, process, timeout=120.0):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if process.poll() is not None:
+      raise AssertionError(f'train.py exited early with {process.returncode}: '
+                           f'{process.stderr.read().decode()[-3000:]}')
+    if time.monotonic() > deadline:
+      process.kill()
+      raise AssertionError('timed out waiting for train.py')
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_loses_only_steps_after_the_checkpoint_and_sigterm_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / 'run')
+  command = [sys.executable, os.path.join(REPO, 'experiments', 'train.py'),
+             '--config=' + os.path.join(REPO, 'experiments', 'configs', 'moe_tiny.py') + ':smoke',
+             f'--workdir={workdir}', '--config.train.num_steps=100000',
+             '--config.train.log_every=2', '--config.train.checkpoint_every=6',
+             '--config.train.eval_every=100000']
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+
+  first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  _wait_for(lambda: _committed_steps(workdir) and
+            _train_steps(workdir)[-1]['step'] > _committed_steps(workdir)[-1], first)
+  first.kill()
+  first.wait()
+  killed_lines = _train_steps(workdir)
+  checkpoint = _committed_steps(workdir)[-1]
+  assert killed_lines[-1]['step'] > checkpoint
+
+  second = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  _wait_for(lambda: _train_steps(workdir)[-1]['step'] >= killed_lines[-1]['step'] + 2, second)
+  second.send_signal(signal.SIGTERM)
+  assert second.wait(timeout=60) == 0, second.stderr.read().decode()[-3000:]
+
+  lines = _train_steps(workdir)
+  steps = [line['step'] for line in lines]
+  assert steps == list(range(2, steps[-1] + 1, 2))  # nothing missing, nothing twice
+  # The steps the killed run logged are redone identically: same data, same state.
+  assert without_timing(lines[:len(killed_lines)]) == without_timing(killed_lines)
+  assert _committed_steps(workdir)[-1] >= steps[-1]
