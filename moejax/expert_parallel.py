@@ -95,6 +95,18 @@ def ragged_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int) -> ExpertFn:
   return fn
 
 
+def context_expert_axis(axis: str = 'expert') -> str | None:
+  """`axis` when the mesh in context (`sharding.mesh_context`) splits it over > 1 devices, else None.
+
+  What a model passes as `MoE(expert_axis=...)`: expert parallel under such a mesh, plain
+  everywhere else (one device, decoding without a mesh).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1:
+    return None
+  return axis
+
+
 def token_axes() -> tuple[str, ...]:
   """Mesh axes the tokens are split over: those of the 'batch' rule in flax's current rules."""
   return sharding.mesh_axes_for('batch', tuple(nn.get_logical_axis_rules()))

@@ -3,23 +3,31 @@
 Shapes: B batch, P prompt length, N new tokens, V vocab, R cache length (P + N).
 
 The prompt is prefilled in one decode call (the cache attends causally within it), then one token
-per step inside `jax.lax.scan`; the whole loop is one jitted function per (model, shapes, sampler).
+per step inside `jax.lax.scan`; the whole loop is one jitted function per (model, shapes), with
+temperature and top_k traced.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from moejax import data
 
 
 def sample_logits(logits, rng, temperature=1.0, top_k=0):
-  """Draws tokens [B] int32 from logits [B, V]: temperature 0 is greedy, top_k 0 keeps all V."""
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if top_k:
-    kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  """Draws tokens [B] int32 from logits [B, V].
+
+  temperature 0 is greedy; top_k > 0 keeps the k largest logits (and ties with the k-th), 0 keeps
+  all V. Both may be traced scalars, so changing them does not recompile a jitted sampler.
+  """
+  logits = logits.astype(jnp.float32)
+  kth_largest = jnp.take(jnp.sort(logits, axis=-1), logits.shape[-1] - jnp.maximum(top_k, 1),
+                         axis=-1)[:, None]
+  threshold = jnp.where(top_k > 0, kth_largest, -jnp.inf)
+  kept = jnp.where(logits >= threshold, logits, -jnp.inf)
+  sampled = jax.random.categorical(rng, kept / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
+  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def init_cache(model, batch_size, max_len):
@@ -56,12 +64,12 @@ def generate(model, params, prompt_tokens, num_new_tokens, rng, temperature=1.0,
   variables = {'params': params}
   if router_state is not None:
     variables['router_state'] = router_state
-  return _generate(model, variables, prompt_tokens, rng, num_new_tokens=num_new_tokens,
-                   temperature=float(temperature), top_k=int(top_k))
+  return _generate(model, variables, prompt_tokens, rng, jnp.float32(temperature),
+                   jnp.int32(top_k), num_new_tokens=num_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'num_new_tokens', 'temperature', 'top_k'))
-def _generate(model, variables, prompt_tokens, rng, *, num_new_tokens, temperature, top_k):
+@functools.partial(jax.jit, static_argnames=('model', 'num_new_tokens'))
+def _generate(model, variables, prompt_tokens, rng, temperature, top_k, *, num_new_tokens):
   batch, prompt_len = prompt_tokens.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
 
@@ -86,8 +94,12 @@ def _generate(model, variables, prompt_tokens, rng, *, num_new_tokens, temperatu
 
 def sample_text(model, params, prompt, num_new_tokens, seed=0, temperature=1.0, top_k=0,
                 router_state=None):
-  """Byte-tokenizes `prompt`, samples num_new_tokens bytes, returns prompt + continuation text."""
-  from moejax import data
-  tokens = generate(model, params, data.encode(prompt)[None, :], num_new_tokens,
-                    jax.random.key(seed), temperature, top_k, router_state)
+  """Byte-tokenizes `prompt`, samples num_new_tokens tokens, returns prompt + continuation text.
+
+  The prompt is preceded by the end-of-document token, as documents are in the training stream,
+  so an empty prompt starts a fresh document; EOD tokens are dropped from the text.
+  """
+  prompt_tokens = np.concatenate([[data.EOD_ID], data.encode(prompt)])[None, :]
+  tokens = generate(model, params, prompt_tokens, num_new_tokens, jax.random.key(seed),
+                    temperature, top_k, router_state)
   return data.decode(tokens[0])

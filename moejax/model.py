@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax import experts as experts_lib
 from moejax import moe as moe_lib
 
 AUX_MEAN_KEYS = ('load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy')
 FFN_KINDS = ('dense', 'moe')
-
-_ACTIVATION_MATMULS = {'swiglu': 3, 'gelu': 2}  # weight matrices per FFN (wi_0, wi_1, wo | wi, wo)
+_FFN_MATMULS = 3  # both activations are gated (SwiGLU, GeGLU): wi_0, wi_1, wo
 
 
 def _partitioned(init_fn, names):
@@ -53,9 +53,9 @@ def validate_config(model_config):
   if model_config.first_dense_layers < 0:
     raise ValueError(f'model.first_dense_layers={model_config.first_dense_layers}; '
                      'expected an integer >= 0')
-  if model_config.moe.activation not in _ACTIVATION_MATMULS:
+  if model_config.moe.activation not in experts_lib.ACTIVATIONS:
     raise ValueError(f'model.moe.activation={model_config.moe.activation!r}; expected one of '
-                     f'{tuple(_ACTIVATION_MATMULS)}')
+                     f'{tuple(experts_lib.ACTIVATIONS)}')
 
 
 class RMSNorm(nn.Module):
@@ -241,15 +241,15 @@ def build_model(model_config, policy):
 def _moe_matmul_params_per_token(model_config):
   """Active matmul params of one MoE FFN for one token: top_k + shared experts, plus the router."""
   m = model_config.moe
-  expert = _ACTIVATION_MATMULS[m.activation] * model_config.d_model * m.d_ff
+  expert = _FFN_MATMULS * model_config.d_model * m.d_ff
   return (m.top_k + m.num_shared_experts) * expert + model_config.d_model * m.num_experts
 
 
 def flops_per_token(model_config, seq_len):
   """Training FLOPs per token: 6 · (active matmul params) + 12 · L · D · S (attention).
 
-  Counts the q, k, v, out projections (4 D²), each FFN (dense: 3 D F for SwiGLU, 2 D F for GELU;
-  MoE: top_k routed + shared experts of width moe.d_ff, plus the D·E router) and the D·V output
+  Counts the q, k, v, out projections (4 D²), each gated FFN (dense: 3 D F; MoE: 3 D moe.d_ff for
+  each of top_k routed + num_shared_experts experts, plus the D·E router) and the D·V output
   projection (tied or not); the embedding lookup is not a matmul. Attention scores and values
   cost 2 · 2 · S · D forward per token and layer, ×3 for training, counted over the full S×S
   square although causal masking skips half of it (the PaLM / MaxText convention). Expert-choice
@@ -257,7 +257,7 @@ def flops_per_token(model_config, seq_len):
   """
   validate_config(model_config)
   d = model_config.d_model
-  dense_ffn = _ACTIVATION_MATMULS[model_config.moe.activation] * d * model_config.d_ff
+  dense_ffn = _FFN_MATMULS * d * model_config.d_ff
   matmul_params = d * model_config.vocab_size
   for layer in range(model_config.num_layers):
     matmul_params += 4 * d * d

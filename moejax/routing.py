@@ -171,9 +171,9 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
 class ExpertChoiceRouter(nn.Module):
   """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router probability.
 
-  C = ceil(capacity_factor · T · top_k / E) capped at T, over all T tokens of the call (so a token's
-  routing depends on the other tokens of the batch, later positions included; fine for encoders
-  and for study, leaky for autoregressive decoding). The Routing has K = E slots per token: slot e
+  C = ceil(capacity_factor · T · top_k / E) capped at T, over all T tokens of the call, so a
+  token's routing depends on the other tokens of the batch, later positions included (fine for
+  encoders and for study, leaky for autoregressive decoding). The Routing has K = E slots per token: slot e
   holds expert e when e chose the token (gate = its probability, unnormalised), else -1 and gate 0.
   Every expert gets exactly C tokens; a token may get none or up to E.
   """
@@ -194,9 +194,10 @@ class ExpertChoiceRouter(nn.Module):
     capacity = expert_choice_capacity(num_tokens, self.num_experts, self.top_k,
                                       self.capacity_factor)
     _, token_index = jax.lax.top_k(probs.T, capacity)  # [E, C]
+    experts = jnp.arange(self.num_experts, dtype=jnp.int32)
     chosen = jnp.zeros((self.num_experts, num_tokens), bool).at[
-        jnp.arange(self.num_experts)[:, None], token_index].set(True).T  # [T, E]
-    expert_index = jnp.where(chosen, jnp.arange(self.num_experts, dtype=jnp.int32), -1)
+        experts[:, None], token_index].set(True).T  # [T, E]
+    expert_index = jnp.where(chosen, experts, -1)
     combine_weight = jnp.where(chosen, probs, 0.0)
     return Routing(expert_index=expert_index, combine_weight=combine_weight,
                    metrics=routing_metrics(logits, probs, expert_index))

@@ -250,7 +250,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         loss_scale=state.loss_scale.adjust(finite),
         nonfinite_count=jnp.where(finite, 0, state.nonfinite_count + 1).astype(jnp.int32))
     metrics = dict(
-        loss=ce, **aux, learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads),
+        loss=ce, **aux, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads),
         loss_scale=state.loss_scale.scale, skipped=(~finite).astype(jnp.int32),
         nonfinite_count=new_state.nonfinite_count)
     return new_state, metrics
@@ -459,6 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               mfu = flops_per_step / step_time / (peak_flops * jax.device_count())
               train_metrics['mfu'] = extra['mfu'] = mfu
           writer.write(step, train_metrics)
+          writer.flush()  # so a killed run keeps its lines up to the last checkpoint
           if is_main:
             eta = (num_steps - step) * train_metrics['step_time'] if steps_timed else None
             print(metrics_lib.format_progress(
@@ -470,6 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if evaluated:
           eval_metrics = run_eval(eval_step, state, eval_batches, ds.bytes_per_token)
           writer.write(step, eval_metrics)
+          writer.flush()
         stop = sigterm_received() or ckpt.reached_preemption(step)
         if step % train_cfg.checkpoint_every == 0 or step == num_steps or stop:
           ckpt.save(step, state, metrics={'eval_loss': eval_metrics['eval_loss']}

@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import data
 from moejax import generate as generate_lib
 from moejax import model as model_lib
 from moejax import precision
 
-B, P, N = 2, 4, 6
+B, P, N = 2, 3, 5  # P = 3 matches sample_text('ab') (EOD + 2 bytes): one compile
 
 _CONFIG_PATH = pathlib.Path(__file__).parents[1] / 'experiments' / 'configs' / 'moe_tiny.py'
 _spec = importlib.util.spec_from_file_location('moe_tiny', _CONFIG_PATH)
@@ -22,10 +23,10 @@ _spec.loader.exec_module(moe_tiny)
 
 
 @functools.lru_cache(maxsize=None)
-def _init(ffn, vocab_size=64):
-  """D=32, 2 layers, 4 experts; params initialised for max_seq_len=16."""
+def _init(ffn):
+  """D=32, 2 layers, 4 experts, byte vocab; params for max_seq_len=16."""
   config = moe_tiny.get_config('smoke').model
-  config.update(vocab_size=vocab_size, d_model=32, num_layers=2, num_heads=2, d_ff=64,
+  config.update(vocab_size=257, d_model=32, num_layers=2, num_heads=2, d_ff=64,
                 max_seq_len=16, ffn=ffn)
   config.moe.update(num_experts=4, top_k=2, d_ff=16)
   model = model_lib.build_model(config, precision.get_policy('fp32'))
@@ -39,12 +40,13 @@ def _tokens(length, seed=0):
 
 class DecodeTest(parameterized.TestCase):
 
-  @parameterized.parameters('dense', 'moe')
-  def test_cached_decoding_matches_full_forward(self, ffn):
-    model, params = _init(ffn)
+  def test_cached_decoding_matches_full_forward(self):
+    model, params = _init('moe')
     tokens = _tokens(10)
     full_logits, _ = model.apply({'params': params}, tokens)
     cache = generate_lib.init_cache(model, B, 12)  # longer than used: unwritten slots are masked
+    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (B, 12, 2, 16))
+    chex.assert_shape(cache['layer_1']['attn']['cached_value'], (B, 12, 2, 16))
     decode = jax.jit(functools.partial(model.apply, decode=True, mutable=['cache']))
     step_logits = []
     # Prefill 3 tokens at once, then one token per call (teacher forcing).
@@ -56,13 +58,6 @@ class DecodeTest(parameterized.TestCase):
     np.testing.assert_allclose(jnp.concatenate(step_logits, axis=1), full_logits,
                                rtol=1e-5, atol=1e-5)
     self.assertEqual(int(cache['layer_0']['attn']['cache_index']), 10)
-
-  def test_cache_shapes(self):
-    model, _ = _init('moe')
-    cache = generate_lib.init_cache(model, B, 12)
-    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (B, 12, 2, 16))
-    chex.assert_shape(cache['layer_1']['attn']['cached_value'], (B, 12, 2, 16))
-    self.assertEqual(int(cache['layer_1']['attn']['cache_index']), 0)
 
 
 class GenerateTest(parameterized.TestCase):
@@ -91,12 +86,11 @@ class GenerateTest(parameterized.TestCase):
   def test_sampling_depends_on_rng_and_is_reproducible(self):
     model, params = _init('dense')
     prompt = _tokens(P)
-    sample = functools.partial(generate_lib.generate, model, params, prompt, 10,
-                               temperature=2.0)
+    sample = functools.partial(generate_lib.generate, model, params, prompt, N, temperature=2.0)
     a, b, c = sample(jax.random.key(0)), sample(jax.random.key(0)), sample(jax.random.key(1))
     np.testing.assert_array_equal(a, b)
     self.assertFalse(np.array_equal(a, c))
-    self.assertTrue(bool(jnp.all((a >= 0) & (a < 64))))
+    self.assertTrue(bool(jnp.all((a >= 0) & (a < 257))))
 
   def test_zero_new_tokens_returns_prompt(self):
     model, params = _init('dense')
@@ -105,9 +99,9 @@ class GenerateTest(parameterized.TestCase):
         generate_lib.generate(model, params, prompt, 0, jax.random.key(0)), prompt)
 
   @parameterized.named_parameters(
-      ('too_long', dict(num_new_tokens=13), 'model.max_seq_len=16'),
+      ('too_long', dict(num_new_tokens=14), 'model.max_seq_len=16'),
       ('temperature', dict(temperature=-1.0), 'temperature'),
-      ('top_k', dict(top_k=65), 'top_k'),
+      ('top_k', dict(top_k=258), 'top_k'),
       ('negative_tokens', dict(num_new_tokens=-1), 'num_new_tokens'),
   )
   def test_bad_arguments_raise(self, overrides, message):
@@ -115,6 +109,14 @@ class GenerateTest(parameterized.TestCase):
     kwargs = dict(num_new_tokens=N, temperature=1.0, top_k=0) | overrides
     with self.assertRaisesRegex(ValueError, message):
       generate_lib.generate(model, params, _tokens(P), rng=jax.random.key(0), **kwargs)
+
+  def test_sample_text(self):
+    model, params = _init('dense')
+    text = generate_lib.sample_text(model, params, 'ab', N, seed=0, temperature=0.0)
+    tokens = generate_lib.generate(model, params, [[256, 97, 98]], N, jax.random.key(0),
+                                   temperature=0.0)
+    self.assertEqual(text, data.decode(tokens[0]))
+    self.assertTrue(text.startswith('ab'))
 
 
 class SampleLogitsTest(parameterized.TestCase):

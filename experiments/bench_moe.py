@@ -1,0 +1,220 @@
+"""Times the MoE layer for every dispatch and grouped-matmul implementation against a dense FFN.
+
+  python experiments/bench_moe.py --json_out=/tmp/bench_moe.json        # H100: the three shapes
+  python experiments/bench_moe.py --smoke                               # tiny, CPU, seconds
+
+Shapes (T, D, F, E, k): T tokens, D d_model, F d_ff per expert, E experts, k top_k. For each shape
+and routing ('balanced': the random router as initialised; 'zipf': the router biased so that expert
+loads follow Zipf's law) it times, forward and forward+backward:
+  roof         one plain matmul [T, D] x [D, 3·k·F]: the same FLOPs as the MoE experts
+  dense_ffn    a SwiGLU FFN of width k·F (equal active FLOPs), moe.DenseFFN
+  ragged/IMPL  dropless MoE, grouped matmul implementation IMPL ('xla', 'hopper', ...)
+  capacity     GShard-style capacity dispatch at --capacity_factor (drops tokens)
+  dense        every expert on every token (only below --dense_max_elements)
+Useful TFLOP/s count the active expert matmuls only (6·T·k·D·F forward, 3x that forward+backward),
+so a dispatch that wastes work (capacity padding, dense) is not credited for it. Each time is the
+median of many runs after a warm-up, with the spread (10th-90th percentile) beside it; memory is
+the compiled executable's arguments + outputs + temporaries.
+"""
+import json
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import moe as moe_lib
+
+SHAPES = ((16384, 2048, 4096, 8, 2), (16384, 2048, 1408, 64, 6), (8192, 4096, 14336, 8, 2))
+SMOKE_SHAPES = ((64, 32, 16, 4, 2),)
+
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes and few repeats (CPU, CI).')
+_JSON_OUT = flags.DEFINE_string('json_out', '', 'Write all results here as JSON.')
+_SHAPES = flags.DEFINE_list('shapes', [], 'T:D:F:E:k shapes; default: the three of the issue.')
+_ROUTINGS = flags.DEFINE_list('routings', ['balanced', 'zipf'], "'balanced' and/or 'zipf'.")
+_IMPLS = flags.DEFINE_list('impls', ['xla', 'hopper'], 'Grouped-matmul implementations.')
+_DISPATCHES = flags.DEFINE_list('dispatches', ['ragged', 'capacity', 'dense'], 'MoE dispatches.')
+_CAPACITY_FACTOR = flags.DEFINE_float('capacity_factor', 1.25, 'For the capacity dispatch.')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 2048, 'Tokens per sequence (capacity group).')
+_ZIPF = flags.DEFINE_float('zipf_exponent', 1.0, 'Expert e gets load ~ 1 / (e + 1)^s.')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Params and compute.')
+_REPEATS = flags.DEFINE_integer('repeats', 30, 'Most timed runs per case.')
+_SECONDS = flags.DEFINE_float('seconds_per_case', 1.0, 'Fewer repeats for slow cases.')
+_DENSE_MAX = flags.DEFINE_integer('dense_max_elements', 2**27,
+                                  'Skip dense dispatch when E*T*F exceeds this.')
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+  parts = tuple(int(p) for p in text.split(':'))
+  if len(parts) != 5:
+    raise ValueError(f'--shapes entries are T:D:F:E:k, got {text!r}')
+  return parts
+
+
+def time_fn(fn, args, repeats: int, seconds: float) -> tuple[dict, object]:
+  """(stats, output): median and 10-90 % spread of fn(*args) in ms after two warm-up runs."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  memory = compiled.memory_analysis()
+  peak = None
+  if memory is not None:
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes) / 2**20
+  for _ in range(2):
+    output = jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  first = time.perf_counter() - start
+  n = int(min(repeats, max(3, seconds / max(first, 1e-9))))
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(1e3 * (time.perf_counter() - start))
+  q10, q90 = np.percentile(times, [10, 90])
+  stats = dict(ms=statistics.median(times), p10_ms=float(q10), p90_ms=float(q90), runs=n,
+               peak_mib=peak)
+  return stats, output
+
+
+def make_inputs(t, d, e, routing, seq_len, dtype, key):
+  """x [B, S, D] whose feature 0 is the constant 1, and the router bias that row 0 then adds."""
+  x = jax.random.normal(key, (t // seq_len, seq_len, d), jnp.float32)
+  x = x.at[..., 0].set(1.0).astype(dtype)
+  if routing == 'balanced':
+    bias = jnp.zeros((e,))
+  elif routing == 'zipf':
+    bias = -_ZIPF.value * jnp.log1p(jnp.arange(e, dtype=jnp.float32))
+  else:
+    raise ValueError(f"--routings entries must be 'balanced' or 'zipf', got {routing!r}")
+  return x, bias
+
+
+def bench_layer(name, module, x, params_key, repeats, seconds, flops, router_bias=None):
+  """Forward and forward+backward rows for one Linen layer returning (y, aux)."""
+  variables = nn.unbox(jax.jit(module.init)(params_key, x))
+  if router_bias is not None:
+    kernel = variables['params']['router']['kernel']
+    variables['params']['router']['kernel'] = kernel.at[0].set(router_bias.astype(kernel.dtype))
+  cotangent = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
+
+  def forward(v, x):
+    y, aux = module.apply(v, x)
+    return y, aux['dropped_fraction'], jnp.max(aux['expert_fraction'])
+
+  def loss(v, x):
+    return jnp.sum(module.apply(v, x)[0].astype(jnp.float32) * cotangent)
+
+  rows = []
+  for mode, fn, mult in (('fwd', forward, 1), ('fwd+bwd', jax.grad(loss, (0, 1)), 3)):
+    stats, output = time_fn(fn, (variables, x), repeats, seconds)
+    if mode == 'fwd':
+      common = dict(dropped_fraction=float(output[1]), max_expert_fraction=float(output[2]))
+    rows.append(dict(case=name, mode=mode, tflops=mult * flops / stats['ms'] / 1e9, **stats,
+                     **common))
+  return rows
+
+
+def bench_roof(t, d, width, dtype, repeats, seconds):
+  keys = jax.random.split(jax.random.key(3))
+  a = jax.random.normal(keys[0], (t, d), dtype)
+  b = jax.random.normal(keys[1], (d, width), dtype)
+  flops = 2 * t * d * width
+  rows = []
+  fwd = lambda a, b: a @ b
+  bwd = jax.grad(lambda a, b: jnp.sum((a @ b).astype(jnp.float32)), (0, 1))
+  for mode, fn, mult in (('fwd', fwd, 1), ('fwd+bwd', bwd, 3)):
+    stats, _ = time_fn(fn, (a, b), repeats, seconds)
+    rows.append(dict(case='roof', mode=mode, tflops=mult * flops / stats['ms'] / 1e9, **stats,
+                     dropped_fraction=0.0, max_expert_fraction=None))
+  return rows
+
+
+def run(shapes, routings, impls, dispatches, *, capacity_factor, seq_len, dtype, repeats,
+        seconds, dense_max_elements, log=print) -> list[dict]:
+  """All cases; returns one dict per (shape, routing, case, mode)."""
+  results = []
+  for (t, d, f, e, k) in shapes:
+    s = min(seq_len, t)
+    if t % s:
+      raise ValueError(f'T={t} must be a multiple of --seq_len={s}')
+    flops = 6 * t * k * d * f  # active expert matmuls, forward
+    shape = dict(T=t, D=d, F=f, E=e, k=k)
+    x, _ = make_inputs(t, d, e, 'balanced', s, dtype, jax.random.key(0))
+    base = bench_roof(t, d, 3 * k * f, dtype, repeats, seconds)
+    base += bench_layer('dense_ffn', moe_lib.DenseFFN(k * f, dtype=dtype, param_dtype=dtype), x,
+                        jax.random.key(1), repeats, seconds, flops)
+    for routing in routings:
+      x, bias = make_inputs(t, d, e, routing, s, dtype, jax.random.key(0))
+      rows = [dict(r, routing=routing) for r in base]
+      cases = []
+      for dispatch in dispatches:
+        if dispatch == 'ragged':
+          cases += [(f'ragged/{impl}', dict(dispatch='ragged', gmm_impl=impl)) for impl in impls]
+        elif dispatch == 'dense' and e * t * f > dense_max_elements:
+          log(f'skip dense dispatch at T={t} E={e} F={f}: E*T*F={e * t * f} > '
+              f'--dense_max_elements={dense_max_elements}')
+        else:
+          cases.append((dispatch, dict(dispatch=dispatch)))
+      for name, kwargs in cases:
+        module = moe_lib.MoE(e, k, f, capacity_factor=capacity_factor, dtype=dtype,
+                             param_dtype=dtype, **kwargs)
+        rows += [dict(r, routing=routing) for r in bench_layer(
+            name, module, x, jax.random.key(1), repeats, seconds, flops, router_bias=bias)]
+      for mode in ('fwd', 'fwd+bwd'):
+        dense_ms = next(r['ms'] for r in rows if r['case'] == 'dense_ffn' and r['mode'] == mode)
+        for r in rows:
+          if r['mode'] == mode:
+            r['vs_dense'] = dense_ms / r['ms']
+      for r in rows:
+        r.update(shape)
+        log(format_row(r))
+      results += rows
+  return results
+
+
+HEADER = (f"{'T':>6} {'D':>5} {'F':>6} {'E':>3} {'k':>2} {'routing':>8} {'case':<14} {'mode':<8}"
+          f" {'ms':>9} {'p10-p90':>15} {'TFLOP/s':>8} {'vs dense':>8} {'dropped':>7}"
+          f" {'max load':>8} {'MiB':>8}")
+
+
+def format_row(r: dict) -> str:
+  load = '' if r['max_expert_fraction'] is None else f"{r['max_expert_fraction']:.3f}"
+  mib = '' if r['peak_mib'] is None else f"{r['peak_mib']:.0f}"
+  return (f"{r['T']:>6} {r['D']:>5} {r['F']:>6} {r['E']:>3} {r['k']:>2} {r['routing']:>8}"
+          f" {r['case']:<14} {r['mode']:<8} {r['ms']:>9.3f}"
+          f" {r['p10_ms']:>7.3f}-{r['p90_ms']:<7.3f} {r['tflops']:>8.1f} {r['vs_dense']:>8.2f}"
+          f" {r['dropped_fraction']:>7.3f} {load:>8} {mib:>8}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _SMOKE.value:
+    shapes, repeats, seconds, dtype = SMOKE_SHAPES, 3, 0.05, jnp.float32
+    seq_len = 32
+  else:
+    shapes = tuple(parse_shape(s) for s in _SHAPES.value) or SHAPES
+    repeats, seconds, seq_len = _REPEATS.value, _SECONDS.value, _SEQ_LEN.value
+    dtype = jnp.dtype(_DTYPE.value)
+  device = jax.devices()[0]
+  info = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
+              date=time.strftime('%Y-%m-%d'), command=' '.join(sys.argv))
+  print(f"{info['device']} ({info['platform']}), jax {info['jax']}, {info['date']}")
+  print(HEADER)
+  results = run(shapes, _ROUTINGS.value, _IMPLS.value, _DISPATCHES.value,
+                capacity_factor=_CAPACITY_FACTOR.value, seq_len=seq_len, dtype=dtype,
+                repeats=repeats, seconds=seconds, dense_max_elements=_DENSE_MAX.value)
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, 'w') as fh:
+      json.dump(dict(info, results=results), fh, indent=1)
+    logging.info('wrote %s', _JSON_OUT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,51 @@
+"""Smoke run of experiments/bench_moe.py on CPU: every case runs and the JSON holds the table."""
+import functools
+import importlib.util
+import json
+import pathlib
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+_PATH = pathlib.Path(__file__).parents[1] / 'experiments' / 'bench_moe.py'
+
+
+@functools.cache
+def load_bench():
+  """Imports the script once: its absl flags can be defined only once per process."""
+  spec = importlib.util.spec_from_file_location('bench_moe', _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_case(tmp_path):
+  bench = load_bench()
+  out = tmp_path / 'bench.json'
+  flags.FLAGS(['bench_moe'], known_only=True)
+  with flagsaver.flagsaver(smoke=True, json_out=str(out), routings=['zipf'], impls=['hopper']):
+    bench.main(['bench_moe'])
+  report = json.loads(out.read_text())
+  assert report['platform'] == 'cpu'
+  cases = {(r['case'], r['mode']) for r in report['results']}
+  for case in ('roof', 'dense_ffn', 'ragged/hopper', 'capacity', 'dense'):
+    assert {(case, 'fwd'), (case, 'fwd+bwd')} <= cases
+  for r in report['results']:
+    assert r['ms'] > 0 and r['p10_ms'] <= r['ms'] <= r['p90_ms']
+    assert r['routing'] == 'zipf'
+    if r['case'] in ('ragged/hopper', 'dense', 'dense_ffn', 'roof'):
+      assert r['dropped_fraction'] == 0.0  # dropless
+  dense = [r for r in report['results'] if r['case'] == 'dense_ffn']
+  assert all(r['vs_dense'] == 1.0 for r in dense)
+  # Zipf routing puts more than the balanced 1/E share on the busiest expert.
+  ragged = next(r for r in report['results'] if r['case'] == 'ragged/hopper')
+  assert ragged['max_expert_fraction'] > 1.5 / ragged['E']
+
+
+def test_parse_shape():
+  bench = load_bench()
+  assert bench.parse_shape('8:4:2:4:2') == (8, 4, 2, 4, 2)
+  with pytest.raises(ValueError, match='T:D:F:E:k'):
+    bench.parse_shape('8:4:2')

@@ -1,0 +1,167 @@
+"""Tests for moejax/dispatch.py: the backends agree; capacity drops exactly the right slots."""
+import functools
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import dispatch
+from moejax import experts
+from moejax.routing import Routing
+
+D, F = 8, 6
+
+
+def random_routing(num_tokens, num_experts, top_k, seed=0, empty_expert=False,
+                   empty_slots=False):
+  """Distinct experts per token, gates in (0.1, 1); optionally expert E-1 never chosen, and/or
+  about a third of the slots empty (-1, gate 0) as expert choice produces, token 0 with none."""
+  rng = np.random.default_rng(seed)
+  scores = rng.standard_normal((num_tokens, num_experts))
+  if empty_expert:
+    scores[:, -1] = -np.inf
+  index = np.argsort(-scores, axis=-1)[:, :top_k].astype(np.int32)
+  gate = rng.uniform(0.1, 1.0, (num_tokens, top_k)).astype(np.float32)
+  if empty_slots:
+    empty = rng.uniform(size=index.shape) < 0.35
+    empty[0] = True
+    index[empty], gate[empty] = -1, 0.0
+  return Routing(expert_index=jnp.asarray(index), combine_weight=jnp.asarray(gate), metrics={})
+
+
+def random_weights(num_experts, seed=1):
+  rng = np.random.default_rng(seed)
+  shapes = dict(wi_0=(num_experts, D, F), wi_1=(num_experts, D, F), wo=(num_experts, F, D))
+  return {k: (0.5 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+
+
+def run_dispatch(name, x, weights, routing, **kwargs):
+  def expert_fn(xs, group_sizes=None):
+    return experts.expert_ffn(weights['wi_0'], weights['wi_1'], weights['wo'], xs, group_sizes)
+  num_experts = weights['wi_0'].shape[0]
+  return dispatch.dispatch(name, x, routing, expert_fn, num_experts=num_experts, **kwargs)
+
+
+def np_kept(index, group_size, capacity):
+  """Reference for the capacity dispatch: which slots of index [T, K] survive."""
+  t, k = index.shape
+  kept = np.zeros(index.shape, bool)
+  for start in range(0, t, group_size):
+    used = {}
+    for slot in range(k):
+      for token in range(start, start + group_size):
+        e = index[token, slot]
+        if e >= 0 and used.get(e, 0) < capacity:
+          used[e] = used.get(e, 0) + 1
+          kept[token, slot] = True
+  return kept
+
+
+class AgreementTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      dict(testcase_name='switch_k1', t=16, e=4, k=1),
+      dict(testcase_name='top2', t=16, e=4, k=2),
+      dict(testcase_name='idle_expert', t=32, e=8, k=2, empty_expert=True),
+      dict(testcase_name='fine_grained_e64_k6', t=32, e=64, k=6),
+      dict(testcase_name='empty_slots', t=16, e=4, k=4, empty_slots=True),
+  )
+  def test_backends_agree_with_no_drops(self, t, e, k, empty_expert=False, empty_slots=False):
+    routing = random_routing(t, e, k, empty_expert=empty_expert, empty_slots=empty_slots)
+    weights = random_weights(e)
+    x = np.random.default_rng(2).standard_normal((t, D)).astype(np.float32)
+    cotangent = np.random.default_rng(3).standard_normal((t, D)).astype(np.float32)
+    kwargs = dict(top_k=k, capacity_factor=float(e), group_size=8)
+
+    @jax.jit
+    def outputs_and_grads(x, weights, gate):
+      results = {}
+      for name in dispatch.DISPATCHES:
+        def loss(x, weights, gate, name=name):
+          y, dropped = run_dispatch(name, x, weights, routing.replace(combine_weight=gate),
+                                    **kwargs)
+          return jnp.sum(y * cotangent), (y, dropped)
+        grads, (y, dropped) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, weights, gate)
+        results[name] = (y, dropped, grads)
+      return results
+
+    results = outputs_and_grads(x, weights, routing.combine_weight)
+    y_dense, _, grads_dense = results['dense']
+    chex.assert_shape(y_dense, (t, D))
+    self.assertGreater(float(jnp.max(jnp.abs(y_dense))), 0.0)
+    for name in ('capacity', 'ragged'):
+      y, dropped, grads = results[name]
+      self.assertEqual(float(dropped), 0.0)
+      np.testing.assert_allclose(y, y_dense, rtol=1e-5, atol=1e-5, err_msg=name)
+      chex.assert_trees_all_close(grads, grads_dense, rtol=1e-5, atol=1e-5)
+    if empty_expert:
+      for name in dispatch.DISPATCHES:
+        np.testing.assert_array_equal(results[name][2][1]['wo'][e - 1], 0.0, err_msg=name)
+    if empty_slots:
+      no_slot = np.all(np.asarray(routing.expert_index) < 0, axis=-1)
+      self.assertTrue(no_slot.any())
+      for name in dispatch.DISPATCHES:
+        np.testing.assert_array_equal(results[name][0][no_slot], 0.0, err_msg=name)
+
+
+class CapacityTest(parameterized.TestCase):
+
+  def test_hand_computed_drops(self):
+    # One group of 4 tokens, E=3, k=2, factor 0.75: C = ceil(0.75 * 2 * 4 / 3) = 2.
+    # Priority: slot 0 of tokens 0..3, then slot 1 of tokens 0..3.
+    #   expert 0: t0/s0, t1/s0 kept; t2/s0, t3/s1 dropped.
+    #   expert 1: t3/s0, t0/s1 kept; t2/s1 dropped.   expert 2: t1/s1 kept.
+    index = np.array([[0, 1], [0, 2], [0, 1], [1, 0]], np.int32)
+    expected = np.array([[True, True], [True, True], [False, False], [True, False]])
+    self.assertEqual(dispatch.group_capacity(4, 3, 2, 0.75), 2)
+    np.testing.assert_array_equal(np_kept(index, 4, 2), expected)
+    self._check(index, expected, group_size=4, top_k=2, capacity_factor=0.75)
+
+  @parameterized.parameters((0.5, 8, False), (1.0, 4, False), (0.75, 16, True))
+  def test_random_drops_match_reference(self, factor, group_size, empty_slots):
+    routing = random_routing(32, 4, 2, seed=5, empty_slots=empty_slots)
+    index = np.asarray(routing.expert_index)
+    capacity = dispatch.group_capacity(group_size, 4, 2, factor)
+    expected = np_kept(index, group_size, capacity)
+    self.assertTrue((~expected & (index >= 0)).any())
+    self._check(index, expected, group_size=group_size, top_k=2, capacity_factor=factor,
+                gate=routing.combine_weight)
+
+  def _check(self, index, expected_kept, *, group_size, top_k, capacity_factor, gate=None):
+    """y equals the dense reference with the dropped slots' gates zeroed; the drop share too."""
+    t, k = index.shape
+    e = int(index.max()) + 1
+    weights = random_weights(e)
+    x = np.random.default_rng(2).standard_normal((t, D)).astype(np.float32)
+    if gate is None:
+      gate = np.random.default_rng(4).uniform(0.1, 1.0, (t, k)).astype(np.float32)
+    routing = Routing(expert_index=jnp.asarray(index), combine_weight=jnp.asarray(gate),
+                      metrics={})
+    kept_routing = routing.replace(combine_weight=jnp.where(expected_kept, gate, 0.0))
+
+    @jax.jit
+    def both(routing, kept_routing):
+      kwargs = dict(top_k=top_k, capacity_factor=capacity_factor, group_size=group_size)
+      y, dropped = run_dispatch('capacity', x, weights, routing, **kwargs)
+      y_ref, _ = run_dispatch('dense', x, weights, kept_routing, **kwargs)
+      return y, dropped, y_ref
+
+    y, dropped, y_ref = both(routing, kept_routing)
+    filled = index >= 0
+    self.assertAlmostEqual(float(dropped), np.sum(filled & ~expected_kept) / np.sum(filled),
+                           places=6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+  def test_group_size_must_divide_tokens(self):
+    routing = random_routing(12, 4, 2)
+    with self.assertRaisesRegex(ValueError, r'group_size=8.*T=12'):
+      jax.eval_shape(functools.partial(
+          run_dispatch, 'capacity', top_k=2, capacity_factor=1.0, group_size=8),
+          jnp.zeros((12, D)), random_weights(4), routing)
+
+  def test_unknown_dispatch(self):
+    with self.assertRaisesRegex(ValueError, r"dispatch='sparse'.*'dense'.*'capacity'.*'ragged'"):
+      run_dispatch('sparse', jnp.zeros((4, D)), random_weights(4), random_routing(4, 4, 2),
+                   top_k=2, capacity_factor=1.0, group_size=4)
