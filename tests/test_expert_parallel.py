@@ -13,9 +13,12 @@ from absl.testing import parameterized
 from moejax import dispatch as dispatch_lib
 from moejax import expert_parallel
 from moejax import experts as experts_lib
+from moejax import model as model_lib
+from moejax import precision
 from moejax import sharding
 from moejax.moe import MoE
 from moejax.routing import Routing
+from test_sharding import load_config
 
 E, D, F, K = 8, 8, 16, 2
 B, S = 8, 8
@@ -172,6 +175,22 @@ class MoELayerTest(parameterized.TestCase):
       actual = step(MoE(**layer, expert_axis='expert'))(variables, x)
     assert_close(actual, expected)
     self.assertGreater(float(np.abs(expected[1]['router_state']['router']['bias']).max()), 0.0)
+
+
+class ModelTest(parameterized.TestCase):
+
+  def test_model_is_expert_parallel_under_an_expert_mesh(self):
+    config = load_config('moe_tiny', 'smoke')
+    model = model_lib.build_model(config.model, precision.get_policy('fp32'))
+    tokens = jnp.zeros((B, S), jnp.int32)
+    variables = model.init(jax.random.key(0), tokens)
+    apply = lambda v, t: model.apply(v, t)[0]
+    self.assertNotIn('all_to_all', str(jax.make_jaxpr(apply)(variables, tokens)))
+    mesh, rules = make_mesh('d2e4')
+    with sharding.mesh_context(mesh, rules):
+      self.assertEqual(expert_parallel.context_expert_axis(), 'expert')
+      self.assertIn('all_to_all', str(jax.make_jaxpr(apply)(variables, tokens)))
+    self.assertIsNone(expert_parallel.context_expert_axis())
 
 
 class ErrorTest(parameterized.TestCase):

@@ -24,9 +24,9 @@ from moejax import sharding
 from moejax import train
 from moejax.moe import MoE
 
+from test_sharding import load_config
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tests'))
-from test_sharding import load_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS = dict(num_steps=6, log_every=2, eval_every=6, checkpoint_every=6, eval_steps=1)
 OVERRIDES = [f'--config.train.{key}={value}' for key, value in STEPS.items()]
@@ -127,10 +127,11 @@ def test_expert_parallel_and_two_processes_match_one_device(tmp_path):
 
   # The checkpoint both processes wrote together restores on one device, and onto the 8-device
   # expert-parallel mesh, with identical values.
-  config = smoke_config(data=2, expert=4)
   directory = tmp_path / 'two_processes' / 'checkpoints'
-  _, _, on_mesh = abstract_state(config, sharding.make_mesh(config.mesh))
-  _, _, on_one = abstract_state(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  expert_parallel = smoke_config(data=2, expert=4)
+  _, _, on_mesh = abstract_state(expert_parallel, sharding.make_mesh(expert_parallel.mesh))
+  one_device = smoke_config(data=1)
+  _, _, on_one = abstract_state(one_device, sharding.make_mesh(one_device.mesh, jax.devices()[:1]))
   assert_bitwise_equal(restore(directory, 6, on_mesh), restore(directory, 6, on_one))
 
 
