@@ -4,7 +4,8 @@ Shapes: B batch, P prompt length, N new tokens, V vocab, R cache length (P + N).
 
 The prompt is prefilled in one decode call (the cache attends causally within it), then one token
 per step inside `jax.lax.scan`; the whole loop is one jitted function per (model, shapes), with
-temperature and top_k traced.
+temperature and top_k traced. Routing that looks across tokens (expert choice, or a capacity
+dispatch that drops) sees one token at a time here, so it can differ from a full forward pass.
 """
 import functools
 
@@ -26,7 +27,8 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0):
                          axis=-1)[:, None]
   threshold = jnp.where(top_k > 0, kth_largest, -jnp.inf)
   kept = jnp.where(logits >= threshold, logits, -jnp.inf)
-  sampled = jax.random.categorical(rng, kept / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
+  scaled = kept / jnp.where(temperature > 0, temperature, 1.0)
+  sampled = jax.random.categorical(rng, scaled, axis=-1)
   return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
@@ -41,8 +43,9 @@ def generate(model, params, prompt_tokens, num_new_tokens, rng, temperature=1.0,
              router_state=None):
   """Continues prompt_tokens [B, P] by num_new_tokens; returns tokens [B, P + N] int32.
 
-  params: the 'params' collection (boxed or not); router_state: the 'router_state' collection,
-  needed by models whose router keeps state (aux-free bias). temperature 0 samples greedily;
+  params: the 'params' collection (boxed or not); router_state: the 'router_state' collection
+  (`TrainState.model_state`), needed by routers that keep state (aux-free bias); None or {} when
+  there is none. temperature 0 samples greedily;
   top_k > 0 samples among the k most likely tokens only.
   """
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
@@ -62,7 +65,7 @@ def generate(model, params, prompt_tokens, num_new_tokens, rng, temperature=1.0,
   if num_new_tokens == 0:
     return prompt_tokens
   variables = {'params': params}
-  if router_state is not None:
+  if router_state:
     variables['router_state'] = router_state
   return _generate(model, variables, prompt_tokens, rng, jnp.float32(temperature),
                    jnp.int32(top_k), num_new_tokens=num_new_tokens)

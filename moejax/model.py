@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax import expert_parallel
 from moejax import experts as experts_lib
 from moejax import moe as moe_lib
 
@@ -143,7 +144,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm Transformer block: attention, then a dense or MoE FFN. [B, S, D] -> ([B, S, D], aux)."""
+  """Pre-norm block: attention, then a dense or MoE FFN. [B, S, D] -> ([B, S, D], aux)."""
   config: ml_collections.FrozenConfigDict
   use_moe: bool
   dtype: jnp.dtype = jnp.float32
@@ -165,7 +166,9 @@ class Block(nn.Module):
           num_shared_experts=m.num_shared_experts, router=m.router,
           normalize_top_k=m.normalize_top_k, jitter_noise=m.jitter_noise,
           activation=m.activation, gmm_impl=m.gmm_impl,
-          aux_free_bias_rate=m.aux_free_bias_rate, name='ffn', **dtypes)
+          aux_free_bias_rate=m.aux_free_bias_rate,
+          # Expert parallel exactly when traced under a mesh that splits the 'expert' axis.
+          expert_axis=expert_parallel.context_expert_axis(), name='ffn', **dtypes)
       y, aux = ffn(h, train=train)
     else:
       # Dense layers share the MoE activation so dense baselines differ from MoE only in routing.
@@ -177,7 +180,7 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
   """Decoder-only LM. tokens [B, S] int32 -> (logits [B, S, V] float32, aux dict).
 
-  aux: `aux_loss` () = Σ_moe-layers (load_balance_weight · lb + z_loss_weight · z); the means over
+  aux: `aux_loss` () = Σ_moe-layers (load_balance_weight · lb + z_loss_weight · z); means over
   MoE layers of `load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy` (0.0
   without MoE layers); `expert_fraction` [L_moe, E] ([0, 1] without MoE layers).
   """
@@ -189,25 +192,28 @@ class TransformerLM(nn.Module):
   def __call__(self, tokens, train=False, decode=False):
     cfg = self.config
     if tokens.shape[1] > cfg.max_seq_len:
-      raise ValueError(f'input length {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}')
+      raise ValueError(f'input length {tokens.shape[1]} exceeds '
+                       f'model.max_seq_len={cfg.max_seq_len}')
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # N(0, 1) embeddings with tied logits scaled by 1/sqrt(D), as in PaLM (Chowdhery et al. 2022).
-    embedding = self.param('embedding', _partitioned(nn.initializers.normal(1.0), ('vocab', 'embed')),
-                           (cfg.vocab_size, cfg.d_model), self.param_dtype)
+    embedding_init = _partitioned(nn.initializers.normal(1.0), ('vocab', 'embed'))
+    embedding = self.param('embedding', embedding_init, (cfg.vocab_size, cfg.d_model),
+                           self.param_dtype)
     x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
     moe_aux = []
     for layer in range(cfg.num_layers):
       use_moe = is_moe_layer(cfg, layer)
-      x, aux = Block(cfg, use_moe, name=f'layer_{layer}', **dtypes)(x, train=train, decode=decode)
+      block = Block(cfg, use_moe, name=f'layer_{layer}', **dtypes)
+      x, aux = block(x, train=train, decode=decode)
       if use_moe:
         moe_aux.append(aux)
 
     x = RMSNorm(name='final_norm', **dtypes)(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum('BSD,VD->BSV', x, embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32) / jnp.sqrt(float(cfg.d_model))
+                          preferred_element_type=jnp.float32) * cfg.d_model**-0.5
     else:
       kernel = self.param('logits', _partitioned(_fan_in_init(0, 1), ('embed', 'vocab')),
                           (cfg.d_model, cfg.vocab_size), self.param_dtype)
@@ -232,7 +238,11 @@ def _combine_aux(moe_aux, moe_config):
 
 
 def build_model(model_config, policy):
-  """TransformerLM from the `config.model` ConfigDict and a precision `Policy`."""
+  """TransformerLM from the `config.model` ConfigDict and a precision `Policy`.
+
+  MoE layers run expert parallel when traced inside `sharding.mesh_context` with a mesh whose
+  'expert' axis has more than one device (see moejax.expert_parallel).
+  """
   validate_config(model_config)
   return TransformerLM(ml_collections.FrozenConfigDict(model_config),
                        dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
@@ -261,8 +271,10 @@ def flops_per_token(model_config, seq_len):
   matmul_params = d * model_config.vocab_size
   for layer in range(model_config.num_layers):
     matmul_params += 4 * d * d
-    matmul_params += (_moe_matmul_params_per_token(model_config) if is_moe_layer(model_config, layer)
-                      else dense_ffn)
+    if is_moe_layer(model_config, layer):
+      matmul_params += _moe_matmul_params_per_token(model_config)
+    else:
+      matmul_params += dense_ffn
   return 6 * matmul_params + 12 * model_config.num_layers * d * seq_len
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import dispatch as dispatch_lib
+from moejax import expert_parallel
 from moejax import experts as experts_lib
 from moejax import routing as routing_lib
 
@@ -59,6 +60,8 @@ class MoE(nn.Module):
     activation: 'swiglu' or 'gelu' (GeGLU).
     gmm_impl: grouped-matmul implementation for the ragged dispatch.
     aux_free_bias_rate: bias step of the 'aux_free' router.
+    expert_axis: mesh axis the experts are split over (expert parallelism, see
+      moejax/expert_parallel.py; needs `sharding.mesh_context`); None = all experts on every device.
     dtype: compute dtype of the experts; param_dtype: dtype of all params. The router runs in
       float32 whatever these are.
   """
@@ -75,6 +78,7 @@ class MoE(nn.Module):
   activation: str = 'swiglu'
   gmm_impl: str = 'auto'
   aux_free_bias_rate: float = 1e-3
+  expert_axis: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -136,10 +140,16 @@ class MoE(nn.Module):
         param_dtype=self.param_dtype)(tokens, train=train)
     experts = experts_lib.Experts(self.num_experts, self.d_ff, self.activation, self.gmm_impl,
                                   self.dtype, self.param_dtype, name='experts')
-    y, dropped = dispatch_lib.dispatch(
-        self.dispatch, tokens.astype(self.dtype), routing, experts,
-        num_experts=self.num_experts, top_k=self.top_k, capacity_factor=self.capacity_factor,
-        group_size=self.group_size or seq)
+    dispatch_args = dict(num_experts=self.num_experts, top_k=self.top_k,
+                         capacity_factor=self.capacity_factor, group_size=self.group_size or seq)
+    if self.expert_axis is None or self.is_initializing():
+      y, dropped = dispatch_lib.dispatch(self.dispatch, tokens.astype(self.dtype), routing,
+                                         experts, **dispatch_args)
+    else:
+      y, dropped = expert_parallel.dispatch(
+          self.dispatch, tokens.astype(self.dtype), routing, self.variables['params']['experts'],
+          expert_axis=self.expert_axis, activation=self.activation, gmm_impl=self.gmm_impl,
+          dtype=self.dtype, **dispatch_args)
     if self.num_shared_experts:
       y = y + experts_lib.GatedFFN(self.num_shared_experts * self.d_ff, self.activation,
                                    self.dtype, self.param_dtype, name='shared_experts')(tokens)

@@ -23,15 +23,18 @@ _spec.loader.exec_module(moe_tiny)
 
 
 @functools.lru_cache(maxsize=None)
-def _init(ffn):
-  """D=32, 2 layers, 4 experts, byte vocab; params for max_seq_len=16."""
+def _init():
+  """(model, params, jitted apply): D=32, 2 MoE layers of 4 experts, byte vocab, max_seq_len=16.
+
+  One model for every test: compiling an init costs seconds on CPU, and the dense FFN does not
+  touch the decoding path (tests/test_model.py covers it).
+  """
   config = moe_tiny.get_config('smoke').model
-  config.update(vocab_size=257, d_model=32, num_layers=2, num_heads=2, d_ff=64,
-                max_seq_len=16, ffn=ffn)
+  config.update(vocab_size=257, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=16)
   config.moe.update(num_experts=4, top_k=2, d_ff=16)
   model = model_lib.build_model(config, precision.get_policy('fp32'))
   params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))['params']
-  return model, params
+  return model, params, jax.jit(model.apply)
 
 
 def _tokens(length, seed=0):
@@ -41,42 +44,41 @@ def _tokens(length, seed=0):
 class DecodeTest(parameterized.TestCase):
 
   def test_cached_decoding_matches_full_forward(self):
-    model, params = _init('moe')
-    tokens = _tokens(10)
-    full_logits, _ = model.apply({'params': params}, tokens)
+    model, params, forward = _init()
+    tokens = _tokens(P + N)
+    full_logits, _ = forward({'params': params}, tokens)
     cache = generate_lib.init_cache(model, B, 12)  # longer than used: unwritten slots are masked
     chex.assert_shape(cache['layer_1']['attn']['cached_key'], (B, 12, 2, 16))
     chex.assert_shape(cache['layer_1']['attn']['cached_value'], (B, 12, 2, 16))
     decode = jax.jit(functools.partial(model.apply, decode=True, mutable=['cache']))
     step_logits = []
     # Prefill 3 tokens at once, then one token per call (teacher forcing).
-    chunks = [tokens[:, :3]] + [tokens[:, t:t + 1] for t in range(3, 10)]
+    chunks = [tokens[:, :3]] + [tokens[:, t:t + 1] for t in range(3, P + N)]
     for chunk in chunks:
       (logits, _), state = decode({'params': params, 'cache': cache}, chunk)
       cache = state['cache']
       step_logits.append(logits)
     np.testing.assert_allclose(jnp.concatenate(step_logits, axis=1), full_logits,
                                rtol=1e-5, atol=1e-5)
-    self.assertEqual(int(cache['layer_0']['attn']['cache_index']), 10)
+    self.assertEqual(int(cache['layer_0']['attn']['cache_index']), P + N)
 
 
 class GenerateTest(parameterized.TestCase):
 
-  @parameterized.parameters('dense', 'moe')
-  def test_greedy_equals_argmax_of_full_forward(self, ffn):
-    model, params = _init(ffn)
+  def test_greedy_equals_argmax_of_full_forward(self):
+    model, params, forward = _init()
     prompt = _tokens(P)
     out = generate_lib.generate(model, params, prompt, N, jax.random.key(0), temperature=0.0)
     chex.assert_shape(out, (B, P + N))
     chex.assert_type(out, jnp.int32)
     np.testing.assert_array_equal(out[:, :P], prompt)
-    logits, _ = model.apply({'params': params}, out)
+    logits, _ = forward({'params': params}, out)
     np.testing.assert_array_equal(out[:, P:], jnp.argmax(logits[:, P - 1:-1], axis=-1))
     again = generate_lib.generate(model, params, prompt, N, jax.random.key(7), temperature=0.0)
     np.testing.assert_array_equal(out, again)
 
   def test_top_k_1_equals_greedy(self):
-    model, params = _init('moe')
+    model, params, _ = _init()
     prompt = _tokens(P, seed=3)
     greedy = generate_lib.generate(model, params, prompt, N, jax.random.key(0), temperature=0.0)
     top1 = generate_lib.generate(model, params, prompt, N, jax.random.key(5), temperature=1.0,
@@ -84,7 +86,7 @@ class GenerateTest(parameterized.TestCase):
     np.testing.assert_array_equal(top1, greedy)
 
   def test_sampling_depends_on_rng_and_is_reproducible(self):
-    model, params = _init('dense')
+    model, params, _ = _init()
     prompt = _tokens(P)
     sample = functools.partial(generate_lib.generate, model, params, prompt, N, temperature=2.0)
     a, b, c = sample(jax.random.key(0)), sample(jax.random.key(0)), sample(jax.random.key(1))
@@ -93,7 +95,7 @@ class GenerateTest(parameterized.TestCase):
     self.assertTrue(bool(jnp.all((a >= 0) & (a < 257))))
 
   def test_zero_new_tokens_returns_prompt(self):
-    model, params = _init('dense')
+    model, params, _ = _init()
     prompt = _tokens(P)
     np.testing.assert_array_equal(
         generate_lib.generate(model, params, prompt, 0, jax.random.key(0)), prompt)
@@ -105,13 +107,13 @@ class GenerateTest(parameterized.TestCase):
       ('negative_tokens', dict(num_new_tokens=-1), 'num_new_tokens'),
   )
   def test_bad_arguments_raise(self, overrides, message):
-    model, params = _init('dense')
+    model, params, _ = _init()
     kwargs = dict(num_new_tokens=N, temperature=1.0, top_k=0) | overrides
     with self.assertRaisesRegex(ValueError, message):
       generate_lib.generate(model, params, _tokens(P), rng=jax.random.key(0), **kwargs)
 
   def test_sample_text(self):
-    model, params = _init('dense')
+    model, params, _ = _init()
     text = generate_lib.sample_text(model, params, 'ab', N, seed=0, temperature=0.0)
     tokens = generate_lib.generate(model, params, [[256, 97, 98]], N, jax.random.key(0),
                                    temperature=0.0)

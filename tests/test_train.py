@@ -282,7 +282,11 @@ def test_sigkill_loses_only_steps_after_the_checkpoint_and_sigterm_exits_cleanly
              f'--workdir={workdir}', '--config.train.num_steps=100000',
              '--config.train.log_every=2', '--config.train.checkpoint_every=6',
              '--config.train.eval_every=100000']
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+  # Cheaper XLA codegen, and the second process reuses the first one's compiled programs.
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_backend_optimization_level=0',
+         'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
 
   first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   def logged_past_a_checkpoint():
