@@ -112,7 +112,9 @@ def bench_layer(name, module, x, params_key, repeats, seconds, flops, router_bia
 
   rows = []
   common = dict(dropped_fraction=float('nan'), max_expert_fraction=None)
-  for mode, fn, mult in (('fwd', forward, 1), ('fwd+bwd', jax.grad(loss, (0, 1)), 3)):
+  # value_and_grad: with grad alone XLA would drop the last forward matmul, whose output
+  # only the loss value needs.
+  for mode, fn, mult in (('fwd', forward, 1), ('fwd+bwd', jax.value_and_grad(loss, (0, 1)), 3)):
     try:
       stats, output = time_fn(fn, (variables, x), repeats, seconds)
     except jax.errors.JaxRuntimeError as e:  # e.g. out of memory: report it, go on
@@ -134,7 +136,8 @@ def bench_roof(t, d, width, dtype, repeats, seconds):
   cotangent = jax.random.normal(keys[0], (t, width), dtype)
   fwd = lambda a, b: a @ b
   # A random cotangent: the gradient of a plain sum would let XLA skip both matmuls.
-  bwd = jax.grad(lambda a, b: jnp.sum((a @ b).astype(jnp.float32) * cotangent), (0, 1))
+  bwd = jax.value_and_grad(
+      lambda a, b: jnp.sum((a @ b).astype(jnp.float32) * cotangent), (0, 1))
   for mode, fn, mult in (('fwd', fwd, 1), ('fwd+bwd', bwd, 3)):
     stats, _ = time_fn(fn, (a, b), repeats, seconds)
     rows.append(dict(case='roof', mode=mode, tflops=mult * flops / stats['ms'] / 1e9, **stats,

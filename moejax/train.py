@@ -389,9 +389,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                      keep=train_cfg.keep_checkpoints)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  # Signal handlers can only be installed from the main thread; restored when the run ends.
-  in_main_thread = threading.current_thread() is threading.main_thread()
-  previous_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+  # Preemption: a single process catches SIGTERM itself (from the main thread, the only one
+  # allowed to; the previous handler comes back when the run ends). Several processes rely on
+  # jax's preemption sync through `ckpt.reached_preemption`, so that all stop at the same step.
+  catch_sigterm = (threading.current_thread() is threading.main_thread()
+                   and jax.process_count() == 1)
+  previous_handler = signal.getsignal(signal.SIGTERM) if catch_sigterm else None
   try:
     step, state = ckpt.restore_latest(abstract_state)
     with sharding.mesh_context(mesh, rules):
@@ -413,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           in_shardings=(state_shardings, eval_batches[0].sharding))
 
       # --- Loop --------------------------------------------------------------------------------------
-      sigterm_received = (checkpoint_lib.install_sigterm_flag() if in_main_thread
+      sigterm_received = (checkpoint_lib.install_sigterm_flag() if catch_sigterm
                           else lambda: False)
       skipped_total = 0
       train_metrics, eval_metrics = {}, {}
@@ -472,6 +475,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_metrics = run_eval(eval_step, state, eval_batches, ds.bytes_per_token)
           writer.write(step, eval_metrics)
           writer.flush()
+          if is_main:
+            print(f'eval step {step}: loss {eval_metrics["eval_loss"]:.4f} bits/byte '
+                  f'{eval_metrics["eval_bits_per_byte"]:.3f}', flush=True)
         stop = sigterm_received() or ckpt.reached_preemption(step)
         if step % train_cfg.checkpoint_every == 0 or step == num_steps or stop:
           ckpt.save(step, state, metrics={'eval_loss': eval_metrics['eval_loss']}
