@@ -15,11 +15,12 @@ tokens, with an `expert_fn` that wraps the local experts in all_to_alls:
     computed per group of `group_size` consecutive tokens; groups never straddle devices (the
     group size divides T_l), so exactly the same slots drop as on one device.
   ragged (dropless): the dispatch hands over x [N, D] sorted by expert and group_sizes [E]. The
-    rows for device j are one contiguous run of x; each device sends every other device a padded
-    block of N rows (the worst case: all of its slots may pick experts of one device) together
-    with the E_l counts, re-sorts what it receives by local expert, runs the grouped matmul and
-    sends the rows back to where they came from. Memory per device is n·N·D, the price of a fixed
-    shape; `jax.lax.ragged_all_to_all` would send only the real rows but is not available on CPU.
+    rows for device j are one contiguous run of x; each device sends every other device a block
+    padded to the worst case R = T_l·min(K, E_l) rows (a token's K slots pick distinct experts,
+    at most E_l of them on one device) together with the E_l counts, re-sorts what it receives
+    by local expert, runs the grouped matmul and sends the rows back to where they came from.
+    Buffers per device are n·R·D, the price of static shapes; `jax.lax.ragged_all_to_all` would
+    send only the real rows but does not run on CPU, where the tests check the maths.
 
 The expert weights enter the shard_map split along E only (dimensions sharded over fsdp or
 model are gathered on the way in), so tensor parallelism inside an expert is not used here.
@@ -62,41 +63,46 @@ def buffer_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int) -> ExpertFn:
   return fn
 
 
-def ragged_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int) -> ExpertFn:
-  """Wraps local experts (x [N', D], group_sizes [E_l]) into a fn of (x [N, D], group_sizes [E])."""
+def ragged_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int, block_rows: int) -> ExpertFn:
+  """Wraps local experts (x [N', D], group_sizes [E_l]) into a fn of (x [N, D], group_sizes [E]).
+
+  `block_rows` (R) bounds the rows one device sends to another: T_l · min(K, E_l), because a
+  token's K slots pick K distinct experts, at most E_l of which live on one device.
+  """
   def fn(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     n_rows, d = x.shape
     per_device = group_sizes.reshape(axis_size, -1)  # [n, E_l]
     device_rows = jnp.sum(per_device, axis=1)  # [n]
     device_start = jnp.cumsum(device_rows) - device_rows
-    row = jnp.arange(n_rows)
+    block_row = jnp.arange(block_rows)
 
-    # Send: block j holds this device's rows for device j's experts, zero-padded to N rows.
-    take = device_start[:, None] + row  # [n, N]
-    valid = row < device_rows[:, None]
-    send = jnp.where(valid[..., None], x[jnp.minimum(take, n_rows - 1)], 0)  # [n, N, D]
-    received = jax.lax.all_to_all(send, axis, 0, 0)  # [n (source), N, D]
+    # Send: block j holds this device's rows for device j's experts, zero-padded to R rows.
+    take = device_start[:, None] + block_row  # [n, R]
+    valid = block_row < device_rows[:, None]
+    send = jnp.where(valid[..., None], x[jnp.minimum(take, n_rows - 1)], 0)  # [n, R, D]
+    received = jax.lax.all_to_all(send, axis, 0, 0)  # [n (source), R, D]
     counts = jax.lax.all_to_all(per_device, axis, 0, 0)  # [n (source), E_l]
 
     # Each source's rows arrive sorted by local expert; padding gets key E_l and sorts last.
     ends = jnp.cumsum(counts, axis=1)
-    local_expert = jax.vmap(lambda e: jnp.searchsorted(e, row, side='right'))(ends)  # [n, N]
-    order = jnp.argsort(local_expert.reshape(-1), stable=True)
+    local_expert = jax.vmap(lambda e: jnp.searchsorted(e, block_row, side='right'))(ends)
+    order = jnp.argsort(local_expert.reshape(-1), stable=True)  # [n·R]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
     out = local_fn(received.reshape(-1, d)[order], jnp.sum(counts, axis=0).astype(jnp.int32))
-    out = out[inverse].reshape(axis_size, n_rows, d)
-    returned = jax.lax.all_to_all(out, axis, 0, 0)  # [n (owner), N, D]
+    out = out[inverse].reshape(axis_size, block_rows, d)
+    returned = jax.lax.all_to_all(out, axis, 0, 0)  # [n (owner), R, D]
 
     # Row i of x went to the owner of its expert, at position i - device_start[owner].
+    row = jnp.arange(n_rows)
     expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side='right')  # E for padding rows
     owner = jnp.minimum(expert // per_device.shape[1], axis_size - 1)
-    y = returned[owner, jnp.clip(row - device_start[owner], 0, n_rows - 1)]
+    y = returned[owner, jnp.clip(row - device_start[owner], 0, block_rows - 1)]
     return jnp.where((expert < group_sizes.shape[0])[:, None], y, 0)
   return fn
 
 
 def context_expert_axis(axis: str = 'expert') -> str | None:
-  """`axis` when the mesh in context (`sharding.mesh_context`) splits it over > 1 devices, else None.
+  """`axis` if the mesh in context (`sharding.mesh_context`) splits it over > 1 devices, else None.
 
   What a model passes as `MoE(expert_axis=...)`: expert parallel under such a mesh, plain
   everywhere else (one device, decoding without a mesh).
@@ -128,7 +134,8 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
     raise ValueError(f'expert_axis={expert_axis!r} needs a mesh: call inside '
                      'moejax.sharding.mesh_context(mesh, rules)')
   if expert_axis not in mesh.axis_names:
-    raise ValueError(f'expert_axis={expert_axis!r}; allowed values: the mesh axes {mesh.axis_names}')
+    raise ValueError(f'expert_axis={expert_axis!r}; allowed values: the mesh axes '
+                     f'{mesh.axis_names}')
   axes = token_axes()
   if expert_axis not in axes:
     raise ValueError(f"expert_axis={expert_axis!r} must split the tokens, but the 'batch' rule "
@@ -143,20 +150,23 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
                      f'axes {axes}, into whole capacity groups (group_size={group_size})')
 
   params = nn.unbox(expert_params)
-  weights = tuple(params[k].astype(dtype) for k in ('wi_0', 'wi_1', 'wo'))
+  weights = tuple(params[k] for k in ('wi_0', 'wi_1', 'wo'))
   routing = Routing(expert_index=routing.expert_index, combine_weight=routing.combine_weight,
                     metrics={})
 
-  def body(x, routing, wi_0, wi_1, wo):
+  def body(x, routing, *weights):
     # Mark the weights as varying over the data axes too, as the tokens are: a custom-VJP kernel's
-    # weight gradient then type-checks, and shard_map sums it over those axes on the way out.
+    # weight gradient then type-checks, and the cast's transpose sums that gradient over the data
+    # axes, in the param dtype (the cast to the compute dtype comes after).
     data_axes = tuple(a for a in axes if a != expert_axis)
     if data_axes:
-      wi_0, wi_1, wo = (jax.lax.pcast(w, data_axes, to='varying') for w in (wi_0, wi_1, wo))
-    local_fn = functools.partial(experts_lib.expert_ffn, wi_0, wi_1, wo, activation=activation,
-                                 gmm_impl=gmm_impl)
+      weights = [jax.lax.pcast(w, data_axes, to='varying') for w in weights]
+    local_fn = functools.partial(experts_lib.expert_ffn, *(w.astype(dtype) for w in weights),
+                                 activation=activation, gmm_impl=gmm_impl)
+    tokens_local, slots = routing.expert_index.shape
+    block_rows = tokens_local * min(slots, num_experts // axis_size)
     buffer_fn = buffer_expert_fn(local_fn, expert_axis, axis_size)
-    ragged_fn = ragged_expert_fn(local_fn, expert_axis, axis_size)
+    ragged_fn = ragged_expert_fn(local_fn, expert_axis, axis_size, block_rows)
 
     def expert_fn(x, group_sizes=None):
       return buffer_fn(x) if group_sizes is None else ragged_fn(x, group_sizes)

@@ -29,20 +29,20 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Sizes of ('data', 'fsdp', 'expert', 'model') from `mesh_config`; -1 takes the remaining devices."""
+  """Sizes of ('data', 'fsdp', 'expert', 'model') from `mesh_config`; -1 takes the rest."""
   sizes = [mesh_config[axis] for axis in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if not isinstance(size, int) or (size < 1 and size != -1):
       raise ValueError(f'mesh.{axis} must be a positive int or -1 (the rest), got {size!r}')
   free = [axis for axis, size in zip(MESH_AXES, sizes) if size == -1]
   if len(free) > 1:
-    raise ValueError(f'at most one mesh axis may be -1, got {free} (mesh.{" and mesh.".join(free)})')
+    raise ValueError(f'at most one mesh axis may be -1, got mesh.{" and mesh.".join(free)}')
   fixed = math.prod(size for size in sizes if size != -1)
   if free:
     if num_devices % fixed:
       raise ValueError(
-          f'mesh.{free[0]}=-1 needs the device count ({num_devices}) to be divisible by the product '
-          f'of the other mesh axes ({fixed})')
+          f'mesh.{free[0]}=-1 needs the device count ({num_devices}) to be divisible by the '
+          f'product of the other mesh axes ({fixed})')
     sizes[MESH_AXES.index(free[0])] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
@@ -79,7 +79,7 @@ def _as_mesh_axes(value, logical: str) -> MeshAxes:
 
 
 def logical_rules(mesh_config) -> Rules:
-  """`mesh_config.rules` as a tuple of (logical name, mesh axes) pairs for `nn.logical_axis_rules`."""
+  """`mesh_config.rules` as (logical name, mesh axes) pairs, for `nn.logical_axis_rules`."""
   rules = []
   for rule in mesh_config.rules:
     if len(rule) != 2 or not isinstance(rule[0], str):

@@ -1,4 +1,4 @@
-"""Expert parallelism on 8 fake CPU devices equals the single-device MoE: outputs, aux, gradients."""
+"""Expert parallelism on 8 fake CPU devices equals one device: outputs, aux, gradients."""
 import functools
 
 import chex
@@ -95,7 +95,7 @@ def random_variables(module, x, seed):
 
 
 def dispatch_value_and_grads(fn):
-  """jit(value_and_grad) of sum(sin(y)) w.r.t. tokens, gates and expert weights; aux (y, dropped)."""
+  """jit(value_and_grad) of sum(sin(y)) in tokens, gates and expert weights; aux = y, dropped."""
   def loss(x, gate, weights):
     y, dropped = fn(x, gate, weights)
     return jnp.sum(jnp.sin(y)), (y, dropped)

@@ -81,8 +81,10 @@ class RulesTest(parameterized.TestCase):
     self.assertIsNone(rules['length'])
 
   def test_lists_become_tuples(self):
-    config = ml_collections.ConfigDict(dict(rules=[['batch', ['data', 'fsdp']], ['mlp', ['model']]]))
-    self.assertEqual(sharding.logical_rules(config), (('batch', ('data', 'fsdp')), ('mlp', 'model')))
+    config = ml_collections.ConfigDict(
+        dict(rules=[['batch', ['data', 'fsdp']], ['mlp', ['model']]]))
+    self.assertEqual(sharding.logical_rules(config),
+                     (('batch', ('data', 'fsdp')), ('mlp', 'model')))
 
   def test_unknown_mesh_axis(self):
     config = ml_collections.ConfigDict(dict(rules=[('batch', ('data', 'pipeline'))]))
