@@ -141,16 +141,12 @@ def scale_by_adam(b1: float, b2: float, eps: float, mu_dtype, nu_dtype
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _path_names(path) -> list[str]:
-  return [str(getattr(entry, 'key', getattr(entry, 'name', entry))) for entry in path]
-
-
 def weight_decay_mask(params: PyTree) -> PyTree:
-  """True for the leaves AdamW decays: matrices and expert stacks (ndim >= 2) but not the token
-  embedding (decaying it shrinks rare bytes' vectors towards 0, Radford et al. 2019 practice);
-  norms' scales and biases (ndim 1) are not decayed either. Works on boxed and plain params."""
+  """True for the leaves AdamW decays: matrices and expert stacks (ndim >= 2) except the token
+  embedding, a lookup table whose rare rows get few gradient updates and would mostly shrink;
+  norm scales and biases (ndim 1) are not decayed either. Works on boxed and plain params."""
   def decay(path, leaf):
-    return nn.unbox(leaf).ndim >= 2 and 'embedding' not in _path_names(path)
+    return nn.unbox(leaf).ndim >= 2 and 'embedding' not in jax.tree_util.keystr(path)
   return jax.tree_util.tree_map_with_path(
       decay, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
