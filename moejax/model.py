@@ -89,6 +89,19 @@ def apply_rope(x, positions, base):
   return rotated.astype(x.dtype)
 
 
+def _attention(q, k, v, **kwargs):
+  """`jax.nn.dot_product_attention` (fused cuDNN paths on GPU), in the inputs' dtype.
+
+  XLA's CPU backend has no fp16 x fp16 -> fp32 dot, which the reference attention asks for, so
+  fp16 attention on CPU runs in float32 (CPU runs are for testing; speed there is moot).
+  """
+  if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
+    out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                       v.astype(jnp.float32), **kwargs)
+    return out.astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, implementation=None, **kwargs)
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention with RoPE and an optional KV cache. [B, S, D] -> [B, S, D]."""
   num_heads: int
@@ -119,7 +132,7 @@ class CausalSelfAttention(nn.Module):
       positions = jnp.arange(x.shape[1])
       q = apply_rope(q, positions, self.rope_base)
       k = apply_rope(k, positions, self.rope_base)
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=None)
+      out = _attention(q, k, v, is_causal=True)
 
     out_kernel = self.param('out', _partitioned(_fan_in_init((0, 1), 2), ('heads', 'kv', 'embed')),
                             (self.num_heads, head_dim, d_model), self.param_dtype)
@@ -139,8 +152,7 @@ class CausalSelfAttention(nn.Module):
     cache_index.value = index + q.shape[1]
     kv_positions = jnp.arange(cached_key.value.shape[1])  # [R]
     mask = kv_positions[None, :] <= positions[:, None]  # [S, R]: causal, and past the index
-    return jax.nn.dot_product_attention(q, cached_key.value, cached_value.value,
-                                        mask=mask[None, None], implementation=None)
+    return _attention(q, cached_key.value, cached_value.value, mask=mask[None, None])
 
 
 class Block(nn.Module):
@@ -210,15 +222,15 @@ class TransformerLM(nn.Module):
       if use_moe:
         moe_aux.append(aux)
 
-    x = RMSNorm(name='final_norm', **dtypes)(x)
+    # The output projection runs in float32 whatever the policy: the byte vocabulary is tiny, so it
+    # costs little, keeps the softmax inputs exact, and fp16 x fp16 -> fp32 dots do not exist on CPU.
+    x = RMSNorm(name='final_norm', **dtypes)(x).astype(jnp.float32)
     if cfg.tie_embeddings:
-      logits = jnp.einsum('BSD,VD->BSV', x, embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32) * cfg.d_model**-0.5
+      logits = jnp.einsum('BSD,VD->BSV', x, embedding.astype(jnp.float32)) * cfg.d_model**-0.5
     else:
       kernel = self.param('logits', _partitioned(_fan_in_init(0, 1), ('embed', 'vocab')),
                           (cfg.d_model, cfg.vocab_size), self.param_dtype)
-      logits = jnp.einsum('BSD,DV->BSV', x, kernel.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum('BSD,DV->BSV', x, kernel.astype(jnp.float32))
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
     return logits, _combine_aux(moe_aux, cfg.moe)
 

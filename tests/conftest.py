@@ -3,6 +3,12 @@
 This must run before anything touches a JAX backend; tests that want one device use
 `jax.devices()[:1]`.
 """
-import jax
+import os
+
+# Tests compile many tiny programs and run each a few times: XLA's CPU backend optimisations cost
+# more compile time than they save. Subprocesses spawned by tests inherit this.
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+
+import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_num_cpu_devices', 8)

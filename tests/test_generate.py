@@ -31,7 +31,7 @@ def _init():
   """
   config = moe_tiny.get_config('smoke').model
   config.update(vocab_size=257, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=16)
-  config.moe.update(num_experts=4, top_k=2, d_ff=16)
+  config.moe.update(dispatch='ragged', num_experts=4, top_k=2, d_ff=16)
   model = model_lib.build_model(config, precision.get_policy('fp32'))
   params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))['params']
   return model, params, jax.jit(model.apply)

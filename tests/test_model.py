@@ -25,7 +25,8 @@ def tiny_config(**overrides):
   """D=32, 2 layers, 4 experts of width 16, vocab 64."""
   config = moe_tiny.get_config('smoke').model
   config.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=16)
-  config.moe.update(num_experts=4, top_k=2, d_ff=16, load_balance_weight=0.3, z_loss_weight=0.7)
+  config.moe.update(dispatch='ragged', num_experts=4, top_k=2, d_ff=16, load_balance_weight=0.3,
+                    z_loss_weight=0.7)
   config.update(overrides)
   return config
 
