@@ -223,6 +223,8 @@ def plot_metrics(workdir):
     fig.colorbar(image, ax=load_ax, label='share of token slots')
     load_ax.set_xlabel('expert')
     load_ax.set_ylabel('MoE layer')
+    load_ax.set_xticks(range(fraction.shape[1]))
+    load_ax.set_yticks(range(fraction.shape[0]))
     load_ax.set_title(f'expert load at step {loads[-1]["step"]} (balanced = {1 / fraction.shape[-1]:.3g})')
   else:
     load_ax.axis('off')

@@ -12,3 +12,5 @@ os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_num_cpu_devices', 8)
+# Float32 comparisons in the tests assume float32 matmuls; GPUs default to TF32 (about 1e-3).
+jax.config.update('jax_default_matmul_precision', 'highest')

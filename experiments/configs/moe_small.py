@@ -55,8 +55,8 @@ def get_config(arg=None):
       token_dtype='uint16',
       val_fraction=0.05,
       seq_len=1024,
-      batch_size=64,
-      eval_batch_size=64,
+      batch_size=16,             # 64 needs remat: without it activations (attention probs) overflow 80 GB
+      eval_batch_size=16,
   ))
 
   config.train = ml_collections.ConfigDict(dict(
