@@ -9,6 +9,7 @@ import json
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from moejax import train
 
@@ -18,6 +19,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
   config = train.load_config(_WORKDIR.value)
   print(json.dumps(train.evaluate(config, _WORKDIR.value), indent=2))
 

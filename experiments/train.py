@@ -12,6 +12,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -27,7 +28,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 
 
-
 def _launched_on_a_cluster() -> bool:
   """True under a multi-process launcher whose environment jax.distributed reads by itself."""
   if 'JAX_COORDINATOR_ADDRESS' in os.environ:
@@ -38,6 +38,8 @@ def _launched_on_a_cluster() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
   if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _launched_on_a_cluster():
