@@ -211,7 +211,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, monkeyp
 @pytest.mark.slow
 def test_resume_is_bitwise_identical_and_evaluate_reproduces_the_eval_loss(tmp_path):
   config = smoke_config(num_steps=12, log_every=2, eval_every=6, checkpoint_every=4,
-                        keep_checkpoints=3)
+                        keep_checkpoints=3, peak_flops=1e12)
   full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
   final = train.train_and_evaluate(config, full)
   assert final['step'] == 12
@@ -225,6 +225,12 @@ def test_resume_is_bitwise_identical_and_evaluate_reproduces_the_eval_loss(tmp_p
   assert final['eval_loss'] == eval_lines[-1]['eval_loss']
   assert final['eval_bits_per_byte'] == pytest.approx(final['eval_loss'] / np.log(2))
   assert os.path.exists(os.path.join(full, 'metrics.png'))
+  # Model FLOPs and MFU against the configured peak (per device, times the device count).
+  tokens = config.data.batch_size * config.data.seq_len
+  flops = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens
+  for line in train_lines:
+    assert line['flops_per_step'] == pytest.approx(flops)
+    assert line['mfu'] == pytest.approx(flops / line['step_time'] / (1e12 * jax.device_count()))
 
   # A run that stopped after its step-4 checkpoint (and logged a little past it) resumes there.
   shutil.copytree(full, resumed)
