@@ -6,8 +6,9 @@ moe_tiny (which holds num_experts / top_k times more of them in total).
 
 Command:  python experiments/train.py --config=experiments/configs/dense_tiny.py --workdir=/tmp/dense_tiny
 Hardware: 2 CPU cores.
-Expected: a higher eval loss than moe_tiny at the same step (fewer total parameters), at a
-          similar step time; compare the two workdirs' metrics.jsonl.
+Expected: a higher eval loss than moe_tiny at the same step (fewer total parameters).
+Measured: 2 CPU cores, jax 0.10.2, 2026-11-23: 600 steps in 7m10s wall, 6.2k tokens/s; eval bits
+          per byte 1.765 @600 (eval loss 1.2233 nats) vs moe_tiny's 1.719.
 Smoke:    --config=experiments/configs/dense_tiny.py:smoke runs in seconds.
 """
 import importlib.util
