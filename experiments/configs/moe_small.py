@@ -30,6 +30,7 @@ def get_config(arg=None):
       moe_every=1,
       first_dense_layers=0,
       tie_embeddings=False,
+      remat=False,               # recompute each block in the backward pass to save memory
   ))
   config.model.moe = ml_collections.ConfigDict(dict(
       num_experts=8,
@@ -55,7 +56,7 @@ def get_config(arg=None):
       token_dtype='uint16',
       val_fraction=0.05,
       seq_len=1024,
-      batch_size=16,             # 64 needs remat: without it activations (attention probs) overflow 80 GB
+      batch_size=16,             # 64 x 1024 without remat overflowed an 80 GB H100
       eval_batch_size=16,
   ))
 

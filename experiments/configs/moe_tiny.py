@@ -28,6 +28,7 @@ def get_config(arg=None):
       moe_every=1,               # every n-th layer is MoE (counting after first_dense_layers)
       first_dense_layers=0,
       tie_embeddings=False,
+      remat=False,               # recompute each block in the backward pass to save memory
   ))
   config.model.moe = ml_collections.ConfigDict(dict(
       num_experts=8,
