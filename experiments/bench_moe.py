@@ -33,11 +33,12 @@ from moejax import moe as moe_lib
 
 SHAPES = ((16384, 2048, 4096, 8, 2), (16384, 2048, 1408, 64, 6), (8192, 4096, 14336, 8, 2))
 SMOKE_SHAPES = ((64, 32, 16, 4, 2),)
+ROUTINGS = ('balanced', 'zipf')
 
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes and few repeats (CPU, CI).')
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Write all results here as JSON.')
-_SHAPES = flags.DEFINE_list('shapes', [], 'T:D:F:E:k shapes; default: the three of the issue.')
-_ROUTINGS = flags.DEFINE_list('routings', ['balanced', 'zipf'], "'balanced' and/or 'zipf'.")
+_SHAPES = flags.DEFINE_list('shapes', [], 'T:D:F:E:k shapes; default: SHAPES, three H100 sizes.')
+_ROUTINGS = flags.DEFINE_list('routings', list(ROUTINGS), "'balanced' and/or 'zipf'.")
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'hopper'], 'Grouped-matmul implementations.')
 _DISPATCHES = flags.DEFINE_list('dispatches', ['ragged', 'capacity', 'dense'], 'MoE dispatches.')
 _CAPACITY_FACTOR = flags.DEFINE_float('capacity_factor', 1.25, 'For the capacity dispatch.')
@@ -58,7 +59,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def time_fn(fn, args, repeats: int, seconds: float) -> tuple[dict, object]:
-  """(stats, output): median and 10-90 % spread of fn(*args) in ms after two warm-up runs."""
+  """(stats, output): median and 10-90 % spread of fn(*args) in ms after two warm-up runs.
+
+  A third, uncounted run sizes the timed ones: as many as fit in `seconds`, 3 to `repeats`.
+  """
   compiled = jax.jit(fn).lower(*args).compile()
   memory = compiled.memory_analysis()
   peak = None
@@ -82,17 +86,17 @@ def time_fn(fn, args, repeats: int, seconds: float) -> tuple[dict, object]:
   return stats, output
 
 
-def make_inputs(t, d, e, routing, seq_len, dtype, key):
-  """x [B, S, D] whose feature 0 is the constant 1, and the router bias that row 0 then adds."""
+def make_tokens(t, d, seq_len, dtype, key):
+  """x [T / S, S, D] whose feature 0 is the constant 1, so router kernel row 0 acts as a bias."""
   x = jax.random.normal(key, (t // seq_len, seq_len, d), jnp.float32)
-  x = x.at[..., 0].set(1.0).astype(dtype)
+  return x.at[..., 0].set(1.0).astype(dtype)
+
+
+def router_bias(routing, e):
+  """[E] logit bias: zero for 'balanced'; -s·log(e + 1) for 'zipf', probabilities ~ (e + 1)^-s."""
   if routing == 'balanced':
-    bias = jnp.zeros((e,))
-  elif routing == 'zipf':
-    bias = -_ZIPF.value * jnp.log1p(jnp.arange(e, dtype=jnp.float32))
-  else:
-    raise ValueError(f"--routings entries must be 'balanced' or 'zipf', got {routing!r}")
-  return x, bias
+    return jnp.zeros((e,))
+  return -_ZIPF.value * jnp.log1p(jnp.arange(e, dtype=jnp.float32))
 
 
 def bench_layer(name, module, x, params_key, repeats, seconds, flops, router_bias=None):
@@ -148,6 +152,9 @@ def bench_roof(t, d, width, dtype, repeats, seconds):
 def run(shapes, routings, impls, dispatches, *, capacity_factor, seq_len, dtype, repeats,
         seconds, dense_max_elements, log=print) -> list[dict]:
   """All cases; returns one dict per (shape, routing, case, mode)."""
+  unknown = set(routings) - set(ROUTINGS)
+  if unknown:  # checked before any timing: a typo should not cost a shape's worth of runs
+    raise ValueError(f'--routings entries must be in {ROUTINGS}, got {sorted(unknown)}')
   results = []
   for (t, d, f, e, k) in shapes:
     s = min(seq_len, t)
@@ -155,12 +162,12 @@ def run(shapes, routings, impls, dispatches, *, capacity_factor, seq_len, dtype,
       raise ValueError(f'T={t} must be a multiple of --seq_len={s}')
     flops = 6 * t * k * d * f  # active expert matmuls, forward
     shape = dict(T=t, D=d, F=f, E=e, k=k)
-    x, _ = make_inputs(t, d, e, 'balanced', s, dtype, jax.random.key(0))
+    x = make_tokens(t, d, s, dtype, jax.random.key(0))
     base = bench_roof(t, d, 3 * k * f, dtype, repeats, seconds)
     base += bench_layer('dense_ffn', moe_lib.DenseFFN(k * f, dtype=dtype, param_dtype=dtype), x,
                         jax.random.key(1), repeats, seconds, flops)
     for routing in routings:
-      x, bias = make_inputs(t, d, e, routing, s, dtype, jax.random.key(0))
+      bias = router_bias(routing, e)
       rows = [dict(r, routing=routing) for r in base]
       cases = []
       for dispatch in dispatches:
@@ -177,7 +184,8 @@ def run(shapes, routings, impls, dispatches, *, capacity_factor, seq_len, dtype,
         rows += [dict(r, routing=routing) for r in bench_layer(
             name, module, x, jax.random.key(1), repeats, seconds, flops, router_bias=bias)]
       for mode in ('fwd', 'fwd+bwd'):
-        dense_ms = next(r['ms'] for r in rows if r['case'] == 'dense_ffn' and r['mode'] == mode)
+        dense_ms = next((r['ms'] for r in rows if r['case'] == 'dense_ffn' and r['mode'] == mode),
+                        float('nan'))  # nan when the dense FFN itself failed (out of memory)
         for r in rows:
           if r['mode'] == mode:
             r['vs_dense'] = dense_ms / r['ms']

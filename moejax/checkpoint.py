@@ -35,15 +35,22 @@ class Checkpointer:
     keep_best: also keep the checkpoint with the lowest `metrics[best_metric]`.
     async_save: write in a background thread; `save` returns once the arrays are copied off the devices.
     best_metric: the metric `save(..., metrics=...)` must carry when keep_best; lower is better.
+    read_only: for readers (evaluate, generate) of a workdir that a run may be writing: deletes
+      nothing (not even the debris of interrupted saves, which may be a save in flight) and cannot save.
   """
 
-  def __init__(self, directory, keep=3, keep_best=True, async_save=True, best_metric='eval_loss'):
+  def __init__(self, directory, keep=3, keep_best=True, async_save=True, best_metric='eval_loss',
+               read_only=False):
     if keep < 1:
       raise ValueError(f'Checkpointer: keep must be >= 1, got {keep}')
     self.directory = os.path.abspath(os.fspath(directory))
     self.keep_best = keep_best
     self.best_metric = best_metric
-    self._remove_uncommitted_steps()
+    self.read_only = read_only
+    if read_only and not os.path.isdir(self.directory):
+      raise ValueError(f'Checkpointer: no checkpoint directory {self.directory}')
+    if not read_only:
+      self._remove_uncommitted_steps()
     policies = [checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if keep_best:
@@ -55,8 +62,9 @@ class Checkpointer:
         best_fn=best_fn,
         best_mode='min',
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
     )
     self._manager = ocp.CheckpointManager(self.directory, item_names=(_ITEM,), options=options)
 
@@ -101,6 +109,8 @@ class Checkpointer:
         (a scalar) when keep_best.
       force: passed to orbax.
     """
+    if self.read_only:
+      raise ValueError(f'Checkpointer.save: {self.directory} was opened read_only')
     step = int(step)
     if step in self._manager.all_steps():
       return False

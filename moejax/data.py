@@ -79,7 +79,10 @@ def _glob_root(pattern):
     if any(c in part for c in '*?['):
       break
     literal.append(part)
-  return os.sep.join(literal) or '.'
+  root = os.sep.join(literal)
+  if not root:  # '/*.txt' is rooted at '/', 'a*/b.txt' at the working directory
+    return os.sep if pattern.startswith(os.sep) else '.'
+  return root
 
 
 def _expand_globs(paths_field):

@@ -145,9 +145,13 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
     raise ValueError(f'num_experts={num_experts} is not divisible by the size of mesh axis '
                      f'{expert_axis!r} ({axis_size})')
   shards = math.prod(mesh.shape[a] for a in axes)
-  if x.shape[0] % shards or (name == 'capacity' and (x.shape[0] // shards) % group_size):
+  if x.shape[0] % shards:
     raise ValueError(f'tokens T={x.shape[0]} must split evenly over the {shards} devices of mesh '
-                     f'axes {axes}, into whole capacity groups (group_size={group_size})')
+                     f'axes {axes}')
+  local_tokens = x.shape[0] // shards
+  if name == 'capacity' and (group_size <= 0 or local_tokens % group_size):
+    raise ValueError(f'group_size={group_size} must be positive and divide the {local_tokens} '
+                     'tokens per device, so that no capacity group straddles two devices')
 
   params = nn.unbox(expert_params)
   weights = tuple(params[k] for k in ('wi_0', 'wi_1', 'wo'))

@@ -34,6 +34,7 @@ def expert_ffn(wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, x: jax.Array,
     group_sizes [E] int32: x [N, D] sorted by expert -> [N, D] (three grouped matmuls; rows past
     sum(group_sizes) come out zero).
   """
+  check_activation(activation)
   act = ACTIVATIONS[activation]
   if group_sizes is not None:
     h = act(grouped_matmul(x, wi_0, group_sizes, impl=gmm_impl))
@@ -66,7 +67,6 @@ class Experts(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, group_sizes: jax.Array | None = None) -> jax.Array:
     """x [E, C, D] / [G, E, C, D] (group_sizes None) or x [N, D] with group_sizes [E]."""
-    check_activation(self.activation)
     d_model = x.shape[-1]
     e, f = self.num_experts, self.d_ff
     wi_0 = self.param('wi_0', nn.with_logical_partitioning(

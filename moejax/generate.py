@@ -45,8 +45,8 @@ def generate(model, params, prompt_tokens, num_new_tokens, rng, temperature=1.0,
 
   params: the 'params' collection (boxed or not); router_state: the 'router_state' collection
   (`TrainState.model_state`), needed by routers that keep state (aux-free bias); None or {} when
-  there is none. temperature 0 samples greedily;
-  top_k > 0 samples among the k most likely tokens only.
+  there is none. temperature 0 samples greedily; top_k > 0 samples among the k most likely tokens
+  only.
   """
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1:

@@ -12,8 +12,6 @@ import os
 
 import jax
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import tensorboardX
 
 METRICS_FILE = 'metrics.jsonl'
@@ -198,6 +196,10 @@ def plot_metrics(workdir):
   Left: train loss and eval loss against step (eval absent until the first eval). Right: the expert load at the
   last step that logged `expert_fraction`, one row per MoE layer (a note instead for dense models).
   """
+  # Imported here so that training runs on machines without matplotlib (see train_and_evaluate).
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   records = read_metrics(workdir)
   train = [(r['step'], r['loss']) for r in records if 'loss' in r]
   evals = [(r['step'], r['eval_loss']) for r in records if 'eval_loss' in r]

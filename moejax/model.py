@@ -1,7 +1,7 @@
 """Decoder-only Transformer LM whose feed-forward blocks are dense FFNs or MoE layers.
 
 Shapes: B batch, S sequence (query) length, R key/value length (S, or the cache length when
-decoding), D d_model, H heads, N head_dim (D // H), V vocab, E experts, L layers.
+decoding), D d_model, H heads, N head_dim (D // H), V vocab, E experts, L layers, L_moe MoE layers.
 
 Pre-norm blocks `x += attn(norm(x)); x += ffn(norm(x))` with rotary positions (Su et al. 2021,
 RoFormer) and RMSNorm (Zhang & Sennrich 2019). Layer `i` is an MoE layer when `ffn == 'moe'`,
@@ -40,6 +40,9 @@ def is_moe_layer(model_config, layer):
 
 def validate_config(model_config):
   """Raises ValueError naming the offending `model.*` field."""
+  for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'max_seq_len'):
+    if model_config[key] < 1:
+      raise ValueError(f'model.{key}={model_config[key]}; expected an integer >= 1')
   if model_config.ffn not in FFN_KINDS:
     raise ValueError(f'model.ffn={model_config.ffn!r}; expected one of {FFN_KINDS}')
   if model_config.d_model % model_config.num_heads:
@@ -99,7 +102,7 @@ def _attention(q, k, v, **kwargs):
     out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                        v.astype(jnp.float32), **kwargs)
     return out.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, implementation=None, **kwargs)
+  return jax.nn.dot_product_attention(q, k, v, **kwargs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -194,7 +197,7 @@ class TransformerLM(nn.Module):
 
   aux: `aux_loss` () = Σ_moe-layers (load_balance_weight · lb + z_loss_weight · z); means over
   MoE layers of `load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy` (0.0
-  without MoE layers); `expert_fraction` [L_moe, E] ([0, 1] without MoE layers).
+  without MoE layers); `expert_fraction` [L_moe, E] (shape [0, 1] without MoE layers).
   """
   config: ml_collections.FrozenConfigDict  # the `model` section of an experiment config
   dtype: jnp.dtype = jnp.float32

@@ -108,10 +108,12 @@ class MoE(nn.Module):
     e, f, fs = self.num_experts, self.d_ff, self.num_shared_experts * self.d_ff
     expected = {
         ('router', 'kernel'): (d_model, e),
+        ('router', 'noise_kernel'): (d_model, e),
         ('experts', 'wi_0'): (e, d_model, f),
         ('experts', 'wi_1'): (e, d_model, f),
         ('experts', 'wo'): (e, f, d_model),
         ('shared_experts', 'wi_0'): (d_model, fs),
+        ('shared_experts', 'wi_1'): (d_model, fs),
         ('shared_experts', 'wo'): (fs, d_model),
     }
     params = self.variables.get('params', {})

@@ -173,8 +173,9 @@ class ExpertChoiceRouter(nn.Module):
 
   C = ceil(capacity_factor · T · top_k / E) capped at T, over all T tokens of the call, so a
   token's routing depends on the other tokens of the batch, later positions included (fine for
-  encoders and for study, leaky for autoregressive decoding). The Routing has K = E slots per token: slot e
-  holds expert e when e chose the token (gate = its probability, unnormalised), else -1 and gate 0.
+  encoders and for study, leaky for autoregressive decoding). The Routing has K = E slots per
+  token: slot e holds expert e when e chose the token (gate = its probability, unnormalised), else
+  -1 and gate 0.
   Every expert gets exactly C tokens; a token may get none or up to E.
   """
   num_experts: int

@@ -165,9 +165,9 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules,
 
   With `shape`, any rank is allowed and dimensions the mesh does not divide are replicated.
   """
-  names = ('batch', 'length') + (None,) * (len(shape) - 2 if shape is not None else 0)
+  names = ('batch', 'length')
   if shape is not None:
-    names = names[:len(shape)]
+    names = (names + (None,) * len(shape))[:len(shape)]
   return NamedSharding(mesh, logical_to_spec(names, rules, shape, mesh))
 
 
@@ -210,11 +210,14 @@ def validate_mesh(config, mesh: jax.sharding.Mesh) -> None:
           f"mesh.expert={experts} needs the tokens split over the expert axis: the 'batch' rule "
           f"maps to {batch_axes}, which lacks 'expert'")
     moe = config.model.moe
-    local_tokens = config.data.batch_size // shards * config.data.seq_len
-    if moe.dispatch == 'capacity' and moe.group_size and local_tokens % moe.group_size:
-      raise ValueError(
-          f'model.moe.group_size={moe.group_size} must divide the tokens per device '
-          f'({local_tokens}) so that no capacity group straddles two devices')
+    # group_size 0 means one group per sequence, which always divides the tokens per device.
+    if moe.dispatch == 'capacity' and moe.group_size:
+      for field in ('batch_size', 'eval_batch_size'):
+        local_tokens = config.data[field] // shards * config.data.seq_len
+        if local_tokens % moe.group_size:
+          raise ValueError(
+              f'model.moe.group_size={moe.group_size} must divide the tokens per device of '
+              f'data.{field} ({local_tokens}) so that no capacity group straddles two devices')
 
 
 @contextlib.contextmanager

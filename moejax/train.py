@@ -347,6 +347,27 @@ def _host(metrics: dict) -> dict:
   return out
 
 
+def _count_skipped(step: int, metrics: dict, max_nonfinite_steps: int) -> int:
+  """1 if `step` skipped its update, else 0; raises once too many steps in a row were skipped."""
+  count = int(metrics['nonfinite_count'])
+  if count >= max_nonfinite_steps:
+    raise FloatingPointError(
+        f'{count} non-finite steps in a row, the last at step {step} '
+        f'(train.max_nonfinite_steps={max_nonfinite_steps}); lower optim.learning_rate or check '
+        'the data; the latest checkpoint holds the last finite parameters')
+  return int(metrics['skipped'])
+
+
+def _throughput(seconds_per_step: float, tokens_per_step: int, flops_per_step: float,
+                peak_flops: float | None) -> dict[str, float]:
+  """step_time, tokens_per_s, flops_per_step and, when the device peak is known, mfu."""
+  out = dict(step_time=seconds_per_step, tokens_per_s=tokens_per_step / seconds_per_step,
+             flops_per_step=float(flops_per_step))
+  if peak_flops:
+    out['mfu'] = flops_per_step / seconds_per_step / (peak_flops * jax.device_count())
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics.
 
@@ -363,16 +384,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_steps = train_cfg.num_steps
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
-  # --- Mesh --------------------------------------------------------------------------------------
+  # --- Mesh ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   sharding.validate_mesh(config, mesh)
   rules = sharding.logical_rules(config.mesh)
 
-  # --- Data --------------------------------------------------------------------------------------
+  # --- Data ------------------------------------------------------------------------------------
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   eval_batches = _eval_batches(ds, config, mesh, rules)
 
-  # --- Model and optimizer -----------------------------------------------------------------------
+  # --- Model and optimizer ---------------------------------------------------------------------
   model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
   tx, schedule = make_optimizer(config)
   init_fn = make_init_fn(config, model, tx)
@@ -381,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   flops_per_step = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   peak_flops = train_cfg.peak_flops or metrics_lib.peak_flops_per_device()
 
-  # --- Restore or initialise ---------------------------------------------------------------------
+  # --- Restore or initialise -------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                      keep=train_cfg.keep_checkpoints)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -402,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # A killed run may have logged steps past its last checkpoint; they are redone.
       writer.truncate_after(step)
 
-      # --- Step functions --------------------------------------------------------------------------
+      # --- Step functions ------------------------------------------------------------------------
       train_batch_sharding = sharding.batch_sharding(
           mesh, rules, (config.data.batch_size, config.data.seq_len + 1))
       train_step = jax.jit(make_train_step(model, tx, schedule),
@@ -411,23 +432,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_step = jax.jit(make_eval_step(model),
                           in_shardings=(state_shardings, eval_batches[0].sharding))
 
-      # --- Loop --------------------------------------------------------------------------------------
+      # --- Loop ----------------------------------------------------------------------------------
       sigterm_received = (checkpoint_lib.install_sigterm_flag() if catch_sigterm
                           else lambda: False)
+      max_nonfinite = train_cfg.max_nonfinite_steps
       skipped_total = 0
       train_metrics, eval_metrics = {}, {}
       pending = None  # (step, device metrics): read one step late so the host never waits idle.
-
-      def check_finite(at_step, metrics):
-        count = int(metrics['nonfinite_count'])
-        if count >= train_cfg.max_nonfinite_steps:
-          raise FloatingPointError(
-              f'{count} non-finite steps in a row, the last at step {at_step} '
-              f'(train.max_nonfinite_steps={train_cfg.max_nonfinite_steps}); lower '
-              'optim.learning_rate or check the data; the latest checkpoint holds the last '
-              'finite parameters')
-        return int(metrics['skipped'])
-
       start_step = step
       timer, timer_step = time.perf_counter(), step
       while step < num_steps:
@@ -435,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = train_step(state, sharding.global_batch(local, mesh, rules))
         step += 1
         if pending is not None:
-          skipped_total += check_finite(*pending)
+          skipped_total += _count_skipped(*pending, max_nonfinite)
         pending = (step, metrics)
         if step == start_step + 1:
           # Start timing after the first step of this run so that compilation is not counted.
@@ -443,24 +454,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           timer, timer_step = time.perf_counter(), step
 
         if step % train_cfg.log_every == 0 or step == num_steps:
-          skipped_total += check_finite(*pending)
+          skipped_total += _count_skipped(*pending, max_nonfinite)
           pending = None
           train_metrics = _host(metrics)
           del train_metrics['nonfinite_count']
           train_metrics['skipped_steps'] = float(skipped_total)
-          elapsed, steps_timed = time.perf_counter() - timer, step - timer_step
-          extra = {}
+          steps_timed = step - timer_step
           if steps_timed:
-            step_time = elapsed / steps_timed
-            train_metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
-                                 flops_per_step=float(flops_per_step))
-            if peak_flops:
-              mfu = flops_per_step / step_time / (peak_flops * jax.device_count())
-              train_metrics['mfu'] = extra['mfu'] = mfu
+            train_metrics.update(_throughput((time.perf_counter() - timer) / steps_timed,
+                                             tokens_per_step, flops_per_step, peak_flops))
           writer.write(step, train_metrics)
           writer.flush()  # so a killed run keeps its lines up to the last checkpoint
           if is_main:
             eta = (num_steps - step) * train_metrics['step_time'] if steps_timed else None
+            extra = {'mfu': train_metrics['mfu']} if 'mfu' in train_metrics else {}
             print(metrics_lib.format_progress(
                 step, num_steps, train_metrics['loss'], train_metrics.get('tokens_per_s', 0.0),
                 eta, extra), flush=True)
@@ -475,24 +482,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f'eval step {step}: loss {eval_metrics["eval_loss"]:.4f} bits/byte '
                   f'{eval_metrics["eval_bits_per_byte"]:.3f}', flush=True)
         stop = sigterm_received() or ckpt.reached_preemption(step)
-        if step % train_cfg.checkpoint_every == 0 or step == num_steps or stop:
+        save = step % train_cfg.checkpoint_every == 0 or step == num_steps or stop
+        if save:
           ckpt.save(step, state, metrics={'eval_loss': eval_metrics['eval_loss']}
                     if evaluated else None, force=True)
-        if evaluated or stop or step % train_cfg.checkpoint_every == 0:
+        if evaluated or save:  # keep eval and checkpoint time out of the next step_time
           timer, timer_step = time.perf_counter(), step
         if stop:
           logging.info('Preempted: saved a checkpoint at step %d', step)
           break
       if pending is not None:
-        skipped_total += check_finite(*pending)
+        skipped_total += _count_skipped(*pending, max_nonfinite)
 
-      # --- Final save --------------------------------------------------------------------------------
-      if not eval_metrics:  # nothing trained in this call (already at num_steps): report anyway
+      # --- Final eval (when this call trained nothing) and wait for the last save ----------------
+      if not eval_metrics:  # already at num_steps: report the restored parameters anyway
         eval_metrics = run_eval(eval_step, state, eval_batches, ds.bytes_per_token)
     ckpt.wait()
     writer.flush()
     if is_main:
-      metrics_lib.plot_metrics(workdir)
+      try:
+        metrics_lib.plot_metrics(workdir)
+      except ImportError:  # matplotlib is optional at run time: the GPU machines lack it
+        logging.warning('matplotlib is not installed: no %s', metrics_lib.PLOT_FILE)
   finally:
     _restore_sigterm_handler(previous_handler)
     writer.close()
@@ -520,7 +531,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   tx, _ = make_optimizer(config)
   abstract_state, state_shardings = _abstract_state(
       make_init_fn(config, model, tx), jax.random.PRNGKey(config.seed), mesh, rules)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
     step, state = ckpt.restore_latest(abstract_state)
   finally:
@@ -546,7 +557,7 @@ def restore_params(workdir: str) -> tuple[ml_collections.ConfigDict, PyTree, PyT
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nn.unbox(boxed))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
     _, state = ckpt.restore_latest(abstract)
   finally:

@@ -42,6 +42,16 @@ def test_smoke_run_writes_every_case(tmp_path):
   # Zipf routing puts more than the balanced 1/E share on the busiest expert.
   ragged = next(r for r in report['results'] if r['case'] == 'ragged/hopper')
   assert ragged['max_expert_fraction'] > 1.5 / ragged['E']
+  # ... more than capacity_factor 1.25 allows it, so the capacity dispatch drops slots.
+  capacity = next(r for r in report['results'] if r['case'] == 'capacity')
+  assert capacity['dropped_fraction'] > 0.0
+
+
+def test_unknown_routing_fails_before_timing():
+  bench = load_bench()
+  with pytest.raises(ValueError, match=r"\['uniform'\]"):
+    bench.run([(8, 4, 2, 4, 2)], ['zipf', 'uniform'], ['xla'], ['ragged'], capacity_factor=1.0,
+              seq_len=8, dtype='float32', repeats=1, seconds=0.0, dense_max_elements=0)
 
 
 def test_parse_shape():

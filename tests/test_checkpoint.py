@@ -104,6 +104,15 @@ def test_half_written_checkpoints_are_never_used(tmp_path):
   shutil.copytree(directory / '2', directory / '4')
   os.remove(directory / '4' / checkpoint.COMMIT_MARKER)
 
+  # A reader (evaluate, generate) ignores the debris but deletes nothing: it may be a save in flight.
+  reader = checkpoint.Checkpointer(directory, read_only=True)
+  assert reader.latest_step() == 2
+  assert_states_equal(reader.restore_latest(abstract(make_state(0)))[1], make_state(2))
+  with pytest.raises(ValueError, match='read_only'):
+    reader.save(5, make_state(5))
+  reader.close()
+  assert sorted(os.listdir(directory)) == ['1', '2', '3.orbax-checkpoint-tmp-1234567', '4']
+
   ckpt = checkpoint.Checkpointer(directory, async_save=False)
   assert ckpt.latest_step() == 2
   step, restored = ckpt.restore_latest(abstract(make_state(0)))

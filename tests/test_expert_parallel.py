@@ -199,12 +199,12 @@ class ModelTest(parameterized.TestCase):
 
 class ErrorTest(parameterized.TestCase):
 
-  def _call(self, mesh_name=None, rules=RULES, num_experts=E):
+  def _call(self, mesh_name=None, rules=RULES, num_experts=E, name='ragged', group_size=S):
     weights, x, index, gate = random_case(0)
     weights = jax.tree.map(lambda w: w[:num_experts], weights)
-    fn = functools.partial(expert_parallel.dispatch, 'ragged', x, Routing(index, gate, {}),
+    fn = functools.partial(expert_parallel.dispatch, name, x, Routing(index, gate, {}),
                            weights, expert_axis='expert', num_experts=num_experts, top_k=K,
-                           capacity_factor=1.0, group_size=S)
+                           capacity_factor=1.0, group_size=group_size)
     if mesh_name is None:
       return fn()
     mesh, rules = make_mesh(mesh_name, rules)
@@ -222,6 +222,12 @@ class ErrorTest(parameterized.TestCase):
   def test_experts_divisible(self):
     with self.assertRaisesRegex(ValueError, r'num_experts=6 .*\(4\)'):
       self._call('e4', num_experts=6)
+
+  @parameterized.named_parameters(('straddles', 16), ('zero', 0))
+  def test_capacity_groups_stay_on_one_device(self, group_size):
+    # e8 leaves B·S / 8 = 8 tokens per device.
+    with self.assertRaisesRegex(ValueError, rf'group_size={group_size} .* 8 tokens per device'):
+      self._call('e8', name='capacity', group_size=group_size)
 
 
 if __name__ == '__main__':

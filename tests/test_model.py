@@ -197,6 +197,8 @@ class ModelTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ('heads', dict(num_heads=3), 'model.num_heads'),
+      ('zero_heads', dict(num_heads=0), r'model\.num_heads=0'),
+      ('zero_layers', dict(num_layers=0), r'model\.num_layers=0'),
       ('ffn', dict(ffn='sparse'), 'model.ffn'),
       ('moe_every', dict(moe_every=0), 'model.moe_every'),
       ('first_dense', dict(first_dense_layers=-1), 'model.first_dense_layers'),

@@ -59,7 +59,10 @@ class AgreementTest(parameterized.TestCase):
       dict(testcase_name='switch_k1', num_experts=4, top_k=1, normalize_top_k=False),
       dict(testcase_name='top2_shared_gelu', num_experts=4, top_k=2, num_shared_experts=1,
            activation='gelu'),
-      dict(testcase_name='expert_choice', num_experts=4, top_k=2, router='expert_choice'),
+      # Expert choice takes C = ceil(1.0·T·k/E) = 8 of the T = 16 tokens per expert, so half its
+      # slots are empty; with one capacity group of all T tokens (capacity 8) nothing is dropped.
+      dict(testcase_name='expert_choice', num_experts=4, top_k=2, router='expert_choice',
+           capacity_factor=1.0, group_size=B * S),
   )
   def test_dispatches_agree(self, **fields):
     # E=64 fine-grained agreement is checked at the dispatch level (tests/test_dispatch.py).
@@ -237,6 +240,15 @@ class ValidationTest(parameterized.TestCase):
     variables = jax.eval_shape(layer.init, jax.random.key(0), inputs())
     with self.assertRaisesRegex(ValueError, r'router/kernel has shape \(8, 4\).*d_model=16'):
       jax.eval_shape(layer.apply, variables, inputs(d_model=16))
+
+  @parameterized.parameters(('shared_experts', 'wi_1'), ('experts', 'wo'))
+  def test_mis_shaped_param(self, module, name):
+    layer = moe.MoE(num_experts=4, top_k=2, d_ff=6, num_shared_experts=1)
+    variables = nn.unbox(jax.eval_shape(layer.init, jax.random.key(0), inputs()))
+    param = variables['params'][module][name]
+    variables['params'][module][name] = jax.ShapeDtypeStruct(param.shape[:-1] + (7,), param.dtype)
+    with self.assertRaisesRegex(ValueError, f'param {module}/{name} has shape'):
+      jax.eval_shape(layer.apply, variables, inputs())
 
   def test_input_rank(self):
     layer = moe.MoE(num_experts=4, top_k=2, d_ff=6)

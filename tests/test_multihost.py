@@ -83,7 +83,7 @@ def abstract_state(config, mesh):
   init_fn = train.make_init_fn(config, model, tx)
   with sharding.mesh_context(mesh, rules):
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
-  return init_fn, boxed, nn.unbox(sharding.abstract_with_shardings(boxed, mesh, rules))
+  return nn.unbox(sharding.abstract_with_shardings(boxed, mesh, rules))
 
 
 def restore(directory, step, abstract):
@@ -129,9 +129,9 @@ def test_expert_parallel_and_two_processes_match_one_device(tmp_path):
   # expert-parallel mesh, with identical values.
   directory = tmp_path / 'two_processes' / 'checkpoints'
   expert_parallel = smoke_config(data=2, expert=4)
-  _, _, on_mesh = abstract_state(expert_parallel, sharding.make_mesh(expert_parallel.mesh))
+  on_mesh = abstract_state(expert_parallel, sharding.make_mesh(expert_parallel.mesh))
   one_device = smoke_config(data=1)
-  _, _, on_one = abstract_state(one_device, sharding.make_mesh(one_device.mesh, jax.devices()[:1]))
+  on_one = abstract_state(one_device, sharding.make_mesh(one_device.mesh, jax.devices()[:1]))
   assert_bitwise_equal(restore(directory, 6, on_mesh), restore(directory, 6, on_one))
 
 

@@ -107,3 +107,5 @@ class PermuteTest(parameterized.TestCase):
       permute.gather_rows(jnp.ones((T + 1, D)), order, order)
     with self.assertRaisesRegex(ValueError, 'order'):
       permute.unsort_combine(jnp.ones((T * K, D)), order[:-1], order[:-1], jnp.ones((T, K)))
+    with self.assertRaisesRegex(ValueError, 'y_sorted'):
+      permute.unsort_combine(jnp.ones((T * K - 1, D)), order, order, jnp.ones((T, K)))

@@ -236,7 +236,11 @@ class MakeRouterTest(parameterized.TestCase):
                                  bias_rate=0.1, jitter_noise=0.01)
     self.assertIsInstance(router, cls)
     self.assertEqual(router.name, 'router')
-    self.assertEqual(router.jitter_noise, 0.01)
+    self.assertEqual((router.num_experts, router.top_k, router.jitter_noise), (4, 2, 0.01))
+    if name == 'expert_choice':
+      self.assertEqual(router.capacity_factor, 1.5)
+    if name == 'aux_free':
+      self.assertEqual(router.bias_rate, 0.1)
 
   def test_unknown_name_lists_allowed(self):
     with self.assertRaisesRegex(ValueError, r"router='switch'.*'top_k'.*'noisy_top_k'.*"

@@ -186,6 +186,14 @@ class ValidateTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r'group_size=48 .*\(32\)'):
       sharding.validate_mesh(config, sharding.make_mesh(config.mesh))
 
+  def test_eval_capacity_group_straddles_devices(self):
+    config = load_config()
+    config.mesh.update(data=2, expert=4)
+    config.data.update(batch_size=16, eval_batch_size=8)  # 64 and 32 tokens per device
+    config.model.moe.update(dispatch='capacity', group_size=64)
+    with self.assertRaisesRegex(ValueError, r'group_size=64 .*eval_batch_size \(32\)'):
+      sharding.validate_mesh(config, sharding.make_mesh(config.mesh))
+
 
 class MeshContextTest(parameterized.TestCase):
 

@@ -3,7 +3,7 @@
 12 layers, d_model 1024, 16 heads; every FFN is an MoE of 8 SwiGLU experts of width 2816, top-2
 (Mixtral-style routing), ragged dropless dispatch with the fastest grouped matmul ('auto': the
 Hopper kernels on sm90); bf16 compute, float32 params, bf16 first moment. 2,000 steps of
-64 x 1024 bytes (131M tokens) of the stdlib corpus.
+16 x 1024 bytes (33M tokens) of the stdlib corpus.
 
 Command:  python experiments/train.py --config=experiments/configs/moe_small.py --workdir=/tmp/moe_small
 Hardware: 1x H100 80GB (any GPU count works: the batch is split over mesh.data = all devices).

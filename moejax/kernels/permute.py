@@ -89,11 +89,17 @@ _unsort_combine.defvjp(_unsort_combine_fwd, _unsort_combine_bwd)
 
 def unsort_combine(y_sorted: jax.Array, order: jax.Array, inverse: jax.Array,
                    weights: jax.Array) -> jax.Array:
-  """y_sorted [N, D], weights [T, K] -> y [T, D] = Σ_j weights[t, j] · y_sorted[inverse[t·K + j]].
+  """y_sorted [N, D], weights [T, K] -> y [T, D].
 
-  Accumulates in float32 and returns y_sorted's dtype; differentiable in y_sorted and weights.
+  y[t] = Σ_j weights[t, j] · y_sorted[inverse[t·K + j]]. Accumulates in float32 and returns
+  y_sorted's dtype; differentiable in y_sorted and weights.
   """
+  if weights.ndim != 2:
+    raise ValueError(f'weights must be [T, K], got shape {weights.shape}')
   if order.shape != (weights.size,) or inverse.shape != order.shape:
     raise ValueError(f'order {order.shape} and inverse {inverse.shape} must both be '
                      f'[T·K]=[{weights.size}] for weights {weights.shape}')
+  # Out-of-range gathers clamp silently, so a wrong row count would give wrong numbers, not errors.
+  if y_sorted.ndim != 2 or y_sorted.shape[0] != order.size:
+    raise ValueError(f'y_sorted must be [T·K, D]=[{order.size}, D], got shape {y_sorted.shape}')
   return _unsort_combine(y_sorted, order, inverse, weights)
