@@ -114,8 +114,11 @@ class MetricWriter:
     """Drops metrics.jsonl lines with step > `step` (atomically) and TensorBoard events after `step`."""
     if not self.enabled:
       return
+    records = read_metrics(self.workdir)
+    kept = [r for r in records if r['step'] <= step]
+    if len(kept) == len(records):
+      return  # nothing to drop: keep the files (and TensorBoard's event file) as they are
     self._file.close()
-    kept = [r for r in read_metrics(self.workdir) if r['step'] <= step]
     tmp_path = self.path + '.tmp'
     with open(tmp_path, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in kept)

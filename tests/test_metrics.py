@@ -94,6 +94,16 @@ def test_resume_appends_and_truncate_after(tmp_path):
   assert not os.path.exists(tmp_path / 'metrics.jsonl.tmp')
 
 
+def test_truncate_with_nothing_to_drop_keeps_the_files(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  writer.write(1, {'loss': 1.0})
+  writer.truncate_after(1)  # what a fresh or cleanly resumed run does
+  writer.write(2, {'loss': 2.0})
+  writer.close()
+  assert read_jsonl(tmp_path) == [{'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 2.0}]
+  assert len([n for n in os.listdir(tmp_path) if n.startswith('events.out.tfevents')]) == 1
+
+
 def test_new_writer_after_torn_line_starts_a_fresh_line(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
   writer = metrics.MetricWriter(tmp_path)
