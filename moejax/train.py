@@ -245,8 +245,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         model_state=precision.select_tree(finite, model_state, state.model_state),
         loss_scale=state.loss_scale.adjust(finite),
         nonfinite_count=jnp.where(finite, 0, state.nonfinite_count + 1).astype(jnp.int32))
+    # The rate this update used: the schedule's own count (the chain's last state) does not
+    # advance on skipped steps, unlike state.step.
+    learning_rate = schedule(state.opt_state[-1].count)
     metrics = dict(
-        loss=ce, **aux, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads),
+        loss=ce, **aux, learning_rate=learning_rate, grad_norm=optax.tree.norm(grads),
         loss_scale=state.loss_scale.scale, skipped=(~finite).astype(jnp.int32),
         nonfinite_count=new_state.nonfinite_count)
     return new_state, metrics

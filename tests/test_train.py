@@ -169,6 +169,10 @@ class TrainStepTest(parameterized.TestCase):
 
     state, metrics = step_fn(state, batch)
     self.assertEqual(int(state.nonfinite_count), 2)
+    # Step 3 after a skipped step 2: the optimizer has applied one update, so its rate is that of
+    # schedule step 1 (still in warmup, unlike step 2).
+    self.assertNotEqual(float(schedule(1)), float(schedule(2)))
+    self.assertAlmostEqual(float(metrics['learning_rate']), float(schedule(1)))
 
     recovered = jax.tree.map(jnp.asarray, good).replace(nonfinite_count=jnp.array(2, jnp.int32))
     state, metrics = step_fn(recovered, batch)
