@@ -133,18 +133,12 @@ class TopKRouter(nn.Module):
     return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k)
 
 
-class NoisyTopKRouter(nn.Module):
+class NoisyTopKRouter(TopKRouter):
   """Noisy top-k gating (Shazeer et al. 2017): logits + N(0, 1) · softplus(x @ noise_kernel).
 
   The noise (rng stream 'router') is added only when train=True; at eval this is TopKRouter.
   The noise kernel starts at zero, as in the paper, i.e. with noise std softplus(0) ≈ 0.69.
   """
-  num_experts: int
-  top_k: int
-  normalize_top_k: bool = True
-  jitter_noise: float = 0.0
-  param_dtype: Any = jnp.float32
-  kernel_init: Initializer = default_router_init
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Routing:
