@@ -77,6 +77,24 @@ class GenerateTest(parameterized.TestCase):
     again = generate_lib.generate(model, params, prompt, N, jax.random.key(7), temperature=0.0)
     np.testing.assert_array_equal(out, again)
 
+  def test_router_state_reaches_decoding(self):
+    """An aux-free model routes with its learned bias when sampling, as in the full forward."""
+    config = moe_tiny.get_config('smoke').model
+    config.update(vocab_size=257, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=16)
+    config.moe.update(router='aux_free', dispatch='ragged', num_experts=4, top_k=2, d_ff=16)
+    model = model_lib.build_model(config, precision.get_policy('fp32'))
+    variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))
+    params = variables['params']
+    bias = jax.tree.map(lambda b: b + jnp.arange(b.shape[0]) * 0.5, variables['router_state'])
+    prompt = _tokens(P)
+    out = generate_lib.generate(model, params, prompt, N, jax.random.key(0), temperature=0.0,
+                                router_state=bias)
+    logits, _ = model.apply({'params': params, 'router_state': bias}, out)
+    np.testing.assert_array_equal(out[:, P:], jnp.argmax(logits[:, P - 1:-1], axis=-1))
+    unbiased = generate_lib.generate(model, params, prompt, N, jax.random.key(0), temperature=0.0,
+                                     router_state=variables['router_state'])
+    self.assertFalse(np.array_equal(out, unbiased))  # the bias changes which experts run
+
   def test_top_k_1_equals_greedy(self):
     model, params, _ = _init()
     prompt = _tokens(P, seed=3)
