@@ -39,7 +39,8 @@ _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes and few repeats (CPU, CI
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Write all results here as JSON.')
 _SHAPES = flags.DEFINE_list('shapes', [], 'T:D:F:E:k shapes; default: SHAPES, three H100 sizes.')
 _ROUTINGS = flags.DEFINE_list('routings', list(ROUTINGS), "'balanced' and/or 'zipf'.")
-_IMPLS = flags.DEFINE_list('impls', ['xla', 'hopper'], 'Grouped-matmul implementations.')
+_IMPLS = flags.DEFINE_list('impls', ['xla', 'hopper', 'hopper_ws'],
+                            'Grouped-matmul implementations.')
 _DISPATCHES = flags.DEFINE_list('dispatches', ['ragged', 'capacity', 'dense'], 'MoE dispatches.')
 _CAPACITY_FACTOR = flags.DEFINE_float('capacity_factor', 1.25, 'For the capacity dispatch.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 2048, 'Tokens per sequence (capacity group).')

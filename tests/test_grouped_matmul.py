@@ -1,8 +1,10 @@
 """Tests for moejax/kernels/grouped_matmul.py and the shape logic of kernels/hopper.py.
 
-CPU: every implementation (hopper falls back to xla there) matches a float64 numpy reference for
-the forward and both gradients, through `jax.grad` of a grouped SwiGLU. GPU (sm90 only): the
-Mosaic-GPU kernels match `jax.lax.ragged_dot` in bf16 to a relative error < 1e-2.
+CPU: every implementation (the Hopper ones fall back to xla there) matches a float64 numpy
+reference for the forward and both gradients, through `jax.grad` of a grouped SwiGLU. GPU (sm90
+only): both Mosaic-GPU kernel families match `jax.lax.ragged_dot` in bf16 to a relative error
+< 1e-2. The warp-specialized kernels also run on CPU under the Mosaic-GPU interpreter
+(tests/test_hopper_ws.py).
 """
 from absl.testing import parameterized
 import chex
@@ -73,7 +75,7 @@ def np_swiglu_loss_and_grads(x, wi, wo, sizes, dy):
 class GroupedMatmulTest(parameterized.TestCase):
 
   @parameterized.product(
-      impl=('xla', 'hopper'),
+      impl=('xla', 'hopper', 'hopper_ws'),
       shape=((23, 5, 7, 8), (40, 8, 8, 1)),
       mode=('balanced', 'empty', 'skew', 'tail'))
   def test_forward_and_grads_match_numpy(self, impl, shape, mode):
@@ -127,13 +129,16 @@ class GroupedMatmulTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'x \\[M, K\\]'):
       grouped_matmul(jnp.ones((4, 2)), jnp.ones((2, 3, 5)), jnp.array([2, 2]))
 
-  @pytest.mark.skipif(ON_HOPPER, reason='checks the CPU fallback')
-  def test_hopper_falls_back_with_logged_reason(self):
+  @parameterized.parameters('hopper', 'hopper_ws')
+  def test_hopper_falls_back_with_logged_reason(self, impl):
+    if ON_HOPPER:
+      self.skipTest('checks the fallback off Hopper')
     gmm_lib._logged_fallbacks.clear()
     with self.assertLogs(level='WARNING') as logs:
-      grouped_matmul(jnp.ones((8, 3)), jnp.ones((2, 3, 5)), jnp.array([4, 4]), impl='hopper')
-      grouped_matmul(jnp.ones((8, 3)), jnp.ones((2, 3, 5)), jnp.array([4, 4]), impl='hopper')
+      grouped_matmul(jnp.ones((8, 3)), jnp.ones((2, 3, 5)), jnp.array([4, 4]), impl=impl)
+      grouped_matmul(jnp.ones((8, 3)), jnp.ones((2, 3, 5)), jnp.array([4, 4]), impl=impl)
     self.assertLen(logs.output, 1)  # once per shape, not once per call
+    self.assertIn(f'{impl} forward', logs.output[0])
     self.assertIn('falling back to xla', logs.output[0])
     self.assertEqual(gmm_lib.resolve_impl('auto'), 'xla')
 
@@ -141,14 +146,22 @@ class GroupedMatmulTest(parameterized.TestCase):
 class HopperShapeLogicTest(parameterized.TestCase):
   """Pure-Python checks of what the kernels can serve; these run anywhere."""
 
-  def test_reasons(self):
-    self.assertIsNone(hopper.gmm_reason(32768, 2048, 1408, jnp.bfloat16))
-    self.assertIsNone(hopper.gmm_t_reason(32768, 2048, 1408, jnp.bfloat16))
-    self.assertIsNone(hopper.tgmm_reason(32768, 1408, 2048, jnp.bfloat16))
-    self.assertIn('float32', hopper.gmm_reason(128, 128, 128, jnp.float32))
-    self.assertIn('K=130', hopper.gmm_reason(128, 130, 128, jnp.bfloat16))
-    self.assertIn('M=0', hopper.gmm_reason(0, 128, 128, jnp.bfloat16))
-    self.assertIsNone(hopper.gmm_reason(128, 1000, 128, jnp.bfloat16))  # pads 1000 -> 1024
+  @parameterized.parameters(*hopper.KERNELS)
+  def test_reasons(self, kernels):
+    for k, n in ((2048, 1408), (1408, 2048), (2048, 4096), (4096, 14336)):
+      self.assertIsNone(hopper.gmm_reason(32768, k, n, jnp.bfloat16, kernels))
+      self.assertIsNone(hopper.gmm_t_reason(32768, k, n, jnp.bfloat16, kernels))
+      self.assertIsNone(hopper.tgmm_reason(32768, k, n, jnp.bfloat16, kernels))
+    self.assertIn('float32', hopper.gmm_reason(128, 128, 128, jnp.float32, kernels))
+    self.assertIn('K=130', hopper.gmm_reason(128, 130, 128, jnp.bfloat16, kernels))
+    self.assertIn('M=0', hopper.gmm_reason(0, 128, 128, jnp.bfloat16, kernels))
+    self.assertIsNone(hopper.gmm_reason(128, 1000, 128, jnp.bfloat16, kernels))  # pads to 1024
+
+  def test_ws_column_tile_halves_rather_than_pads(self):
+    self.assertEqual(hopper.ws_config('gmm', 2048, 4096).cta_n, 256)
+    self.assertEqual(hopper.ws_config('gmm', 2048, 1408).cta_n, 128)  # 1408 = 11 x 128
+    self.assertEqual(hopper.ws_config('gmm_t', 1408, 2048).cta_n, 128)  # gmm_t writes K columns
+    self.assertIn('N=200', hopper.gmm_reason(128, 128, 200, jnp.bfloat16, 'ws'))
 
   @parameterized.product(op=('gmm', 'gmm_t', 'tgmm'), k=(64, 192, 1408, 2048, 14336),
                          n=(64, 320, 1408, 4096))
@@ -161,9 +174,13 @@ class HopperShapeLogicTest(parameterized.TestCase):
     else:
       self.assertEqual(contraction % cfg.block_k, 0)
 
-  def test_bad_op_raises(self):
+  def test_bad_op_or_kernels_raise(self):
     with self.assertRaisesRegex(ValueError, 'op must be'):
       hopper.block_config('matmul', 64, 64)
+    with self.assertRaisesRegex(ValueError, 'op must be'):
+      hopper.ws_config('matmul', 64, 64)
+    with self.assertRaisesRegex(ValueError, 'kernels must be'):
+      hopper.gmm_reason(128, 128, 128, jnp.bfloat16, 'triton')
 
 
 def rel_err(a, b):
@@ -174,20 +191,24 @@ def rel_err(a, b):
 @requires_hopper
 class HopperKernelTest(parameterized.TestCase):
 
-  @parameterized.parameters(
-      (512, 256, 256, 4, 'balanced'),
-      (1000, 192, 320, 8, 'empty'),
-      (777, 128, 1408, 16, 'skew'),  # rows not a multiple of 8: padded
-      (640, 130, 200, 3, 'tail'),    # K, N too odd: falls back to xla
-      (4096, 2048, 1408, 64, 'skew'),
-  )
-  def test_bf16_matches_ragged_dot(self, m, k, n, g, mode):
+  @parameterized.product(
+      case=(
+          (512, 256, 256, 4, 'balanced'),
+          (1000, 192, 320, 8, 'empty'),
+          (777, 128, 1408, 16, 'skew'),  # rows not a multiple of 8: padded
+          (640, 130, 200, 3, 'tail'),    # K, N too odd: falls back to xla
+          (4096, 2048, 1408, 64, 'skew'),
+          (4096, 2048, 4096, 8, 'balanced'),
+      ),
+      impl=('hopper', 'hopper_ws'))
+  def test_bf16_matches_ragged_dot(self, case, impl):
+    m, k, n, g, mode = case
     sizes = jnp.asarray(make_sizes(m, g, mode))
     keys = jax.random.split(jax.random.key(m), 3)
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     w = (jax.random.normal(keys[1], (g, k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
     dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
-    y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl='hopper'), x, w)
+    y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl=impl), x, w)
     dx, dw = vjp(dy)
     x32, w32, dy32 = (a.astype(jnp.float32) for a in (x, w, dy))
     ref_y, ref_vjp = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, sizes), x32, w32)

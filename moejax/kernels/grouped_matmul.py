@@ -5,8 +5,10 @@ Shapes: M rows (token slots sorted by expert), K contraction, N output, G groups
 `grouped_matmul` carries a custom VJP whose three products (forward, input gradient, weight
 gradient) each pick an implementation:
   'xla'    `jax.lax.ragged_dot` / `ragged_dot_general`: the reference; CPU, TPU, any GPU.
-  'hopper' the Pallas Mosaic-GPU kernels in `hopper.py` (sm90 only).
-  'auto'   'hopper' on an sm90 GPU, else 'xla'.
+  'hopper'    JAX's Pallas Mosaic-GPU kernels, through `hopper.py` (sm90 only).
+  'hopper_ws' moejax's warp-specialized Mosaic-GPU kernels (`hopper_ws.py`, sm90 only); not yet
+              timed on a GPU, so 'auto' does not choose them.
+  'auto'      'hopper' on an sm90 GPU, else 'xla'.
 A product the chosen kernel cannot serve (dtype, shape) falls back to 'xla' and logs why once.
 """
 import functools
@@ -17,7 +19,9 @@ import jax.numpy as jnp
 
 from moejax.kernels import hopper
 
-IMPLS = ('auto', 'xla', 'hopper')
+IMPLS = ('auto', 'xla', 'hopper', 'hopper_ws')
+# Which kernel family of hopper.py serves each Hopper implementation.
+_KERNELS = {'hopper': 'stock', 'hopper_ws': 'ws'}
 
 # Transposed ragged contraction: dw[g] = x_g^T dy_g, contracting the ragged row dimension.
 _TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
@@ -39,16 +43,16 @@ def resolve_impl(impl: str) -> str:
 
 
 def _use_hopper(impl: str, op: str, reason_fn, m: int, k: int, n: int, dtype) -> bool:
-  if impl != 'hopper':
+  if impl not in _KERNELS:
     return False
-  reason = hopper.platform_reason() or reason_fn(m, k, n, dtype)
+  reason = hopper.platform_reason() or reason_fn(m, k, n, dtype, _KERNELS[impl])
   if reason is None:
     return True
-  key = (op, m, k, n, jnp.dtype(dtype).name, reason)
+  key = (impl, op, m, k, n, jnp.dtype(dtype).name, reason)
   if key not in _logged_fallbacks:
     _logged_fallbacks.add(key)
-    logging.warning('grouped_matmul %s [M=%d, K=%d, N=%d] %s: falling back to xla (%s)',
-                    op, m, k, n, jnp.dtype(dtype).name, reason)
+    logging.warning('grouped_matmul %s %s [M=%d, K=%d, N=%d] %s: falling back to xla (%s)',
+                    impl, op, m, k, n, jnp.dtype(dtype).name, reason)
   return False
 
 
@@ -56,7 +60,7 @@ def _fwd_product(x, w, group_sizes, impl):
   m, k = x.shape
   n = w.shape[2]
   if _use_hopper(impl, 'forward', hopper.gmm_reason, m, k, n, x.dtype):
-    return hopper.gmm(x, w, group_sizes)
+    return hopper.gmm(x, w, group_sizes, _KERNELS[impl])
   return jax.lax.ragged_dot(x, w, group_sizes)
 
 
@@ -64,7 +68,7 @@ def _dx_product(dy, w, group_sizes, impl):
   m, n = dy.shape
   k = w.shape[1]
   if _use_hopper(impl, 'input-gradient', hopper.gmm_t_reason, m, k, n, dy.dtype):
-    return hopper.gmm_t(dy, w, group_sizes)
+    return hopper.gmm_t(dy, w, group_sizes, _KERNELS[impl])
   return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
 
 
@@ -72,7 +76,7 @@ def _dw_product(x, dy, group_sizes, impl):
   m, k = x.shape
   n = dy.shape[1]
   if _use_hopper(impl, 'weight-gradient', hopper.tgmm_reason, m, k, n, x.dtype):
-    return hopper.tgmm(x, dy, group_sizes)
+    return hopper.tgmm(x, dy, group_sizes, _KERNELS[impl])
   return jax.lax.ragged_dot_general(x, dy, group_sizes, _TGMM_DIMS)
 
 

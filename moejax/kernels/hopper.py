@@ -1,19 +1,25 @@
-"""Hopper (sm90) grouped matmuls on the Pallas Mosaic-GPU kernels that ship with JAX.
+"""Hopper (sm90) grouped matmuls: shape checks, padding and tile sizes around two kernel families.
 
 Shapes: M rows (token slots sorted by group), K contraction of the forward, N output of the forward,
 G groups (experts).
 
 Three products make a grouped matmul and its gradients:
-  gmm      y  [M, N] = x  [M, K] @ w[g]   [K, N]   `ragged_dot_mgpu.ragged_dot`
-  gmm_t    dx [M, K] = dy [M, N] @ w[g]^T [N, K]   `ragged_dot_mgpu.ragged_dot(transpose_rhs=True)`
-  tgmm     dw [G, K, N] = x_g^T [K, M_g] @ dy_g [M_g, N]   `transposed_ragged_dot_mgpu`
+  gmm      y  [M, N] = x  [M, K] @ w[g]   [K, N]
+  gmm_t    dx [M, K] = dy [M, N] @ w[g]^T [N, K]
+  tgmm     dw [G, K, N] = x_g^T [K, M_g] @ dy_g [M_g, N]
 
-The kernels want: equal fp16/bf16 operand dtypes, the contraction a multiple of `block_k`, the
-output columns a multiple of `block_n` (and for `tgmm` the output rows a multiple of `block_m`).
-Small misfits are padded here with zeros; anything else gets a reason string from `*_reason`, and
-the caller (grouped_matmul.py) falls back to `jax.lax.ragged_dot`. The forward kernels leave rows
-past `sum(group_sizes)` unwritten, so those rows are zeroed with a `where` that XLA fuses into the
-consumer.
+Kernel families (`KERNELS`):
+  'stock'  the Pallas Mosaic-GPU kernels that ship with JAX (`ragged_dot_mgpu`,
+           `transposed_ragged_dot_mgpu`): one warpgroup per 128x128 tile; measured on an H100.
+  'ws'     moejax's warp-specialized kernels in `hopper_ws.py`: a TMA producer warpgroup and two
+           consumer warpgroups on a 128x256 tile.
+
+The kernels want: equal fp16/bf16 operand dtypes, the contraction a multiple of its tile depth,
+the output columns a multiple of the column tile (and for `tgmm` the output rows a multiple of the
+row tile). Small misfits are padded here with zeros; anything else gets a reason string from
+`*_reason`, and the caller (grouped_matmul.py) falls back to `jax.lax.ragged_dot`. The forward
+kernels leave rows past `sum(group_sizes)` unwritten, so those rows are zeroed with a `where` that
+XLA fuses into the consumer.
 """
 import dataclasses
 import functools
@@ -21,6 +27,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels import hopper_ws
+
+KERNELS = ('stock', 'ws')
+_OPS = ('gmm', 'gmm_t', 'tgmm')
 _DTYPES = (jnp.bfloat16, jnp.float16)
 # Padding a dimension by more than this share of its size costs more than the kernel saves.
 _MAX_PAD_FRACTION = 0.125
@@ -61,8 +71,8 @@ def _default_config(op: str, k: int, n: int) -> BlockConfig:
 
 def block_config(op: str, k: int, n: int) -> BlockConfig:
   """Tile sizes for `op` in ('gmm', 'gmm_t', 'tgmm') of the forward product [M, k] x [G, k, n]."""
-  if op not in ('gmm', 'gmm_t', 'tgmm'):
-    raise ValueError(f"op must be 'gmm', 'gmm_t' or 'tgmm', got {op!r}")
+  if op not in _OPS:
+    raise ValueError(f'op must be one of {_OPS}, got {op!r}')
   if (op, k, n) in TUNED:
     return TUNED[(op, k, n)]
   # gmm_t contracts over n and writes k columns.
@@ -90,11 +100,42 @@ def platform_reason() -> str | None:
   return None
 
 
-def _shape_reason(dtype, dims: dict[str, tuple[int, int]]) -> str | None:
-  """Common checks; dims maps a name to (size, required multiple)."""
+def ws_config(op: str, k: int, n: int) -> hopper_ws.WSConfig:
+  """Tiles of the warp-specialized kernels for `op` on the forward product [M, k] x [G, k, n].
+
+  The 256-wide CTA tile (two 128-wide consumer tiles) halves to 128 where it does not divide
+  the output columns (F = 1408 = 11 x 128, for example) rather than padding them.
+  """
+  if op not in _OPS:
+    raise ValueError(f'op must be one of {_OPS}, got {op!r}')
+  out_cols = k if op == 'gmm_t' else n
+  return hopper_ws.WSConfig(tile_n=128 if out_cols % 256 == 0 else 64)
+
+
+def _multiples(op: str, kernels: str, k: int, n: int) -> dict[str, int]:
+  """What each of K and N must be a multiple of for `op` in kernel family `kernels`."""
+  if kernels == 'stock':
+    cfg = block_config(op, k, n)
+    row_tile, col_tile, depth = cfg.block_m, cfg.block_n, cfg.block_k
+  elif kernels == 'ws':
+    cfg = ws_config(op, k, n)
+    row_tile, col_tile, depth = cfg.tile_m, cfg.cta_n, cfg.tile_k
+  else:
+    raise ValueError(f'kernels must be one of {KERNELS}, got {kernels!r}')
+  if op == 'gmm':
+    return {'K': depth, 'N': col_tile}
+  if op == 'gmm_t':  # contracts over N and writes K columns
+    return {'N': depth, 'K': col_tile}
+  return {'K': row_tile, 'N': col_tile}  # tgmm writes [K, N] tiles, contracts over rows
+
+
+def _shape_reason(op: str, kernels: str, m: int, k: int, n: int, dtype) -> str | None:
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
     return f'dtype {jnp.dtype(dtype).name} is not bfloat16/float16'
-  for name, (size, multiple) in dims.items():
+  sizes = {'M': m, 'K': k, 'N': n}
+  multiples = {'M': 1, **_multiples(op, kernels, k, n)}
+  for name, multiple in multiples.items():
+    size = sizes[name]
     if size == 0:
       return f'{name}=0'
     pad = _round_up(size, multiple) - size
@@ -103,22 +144,19 @@ def _shape_reason(dtype, dims: dict[str, tuple[int, int]]) -> str | None:
   return None
 
 
-def gmm_reason(m: int, k: int, n: int, dtype) -> str | None:
+def gmm_reason(m: int, k: int, n: int, dtype, kernels: str = 'stock') -> str | None:
   """Why `gmm` cannot serve [m, k] x [G, k, n] (None if it can)."""
-  cfg = block_config('gmm', k, n)
-  return _shape_reason(dtype, {'M': (m, 1), 'K': (k, cfg.block_k), 'N': (n, cfg.block_n)})
+  return _shape_reason('gmm', kernels, m, k, n, dtype)
 
 
-def gmm_t_reason(m: int, k: int, n: int, dtype) -> str | None:
+def gmm_t_reason(m: int, k: int, n: int, dtype, kernels: str = 'stock') -> str | None:
   """Why `gmm_t` cannot serve [m, n] x [G, k, n]^T (None if it can)."""
-  cfg = block_config('gmm_t', k, n)
-  return _shape_reason(dtype, {'M': (m, 1), 'N': (n, cfg.block_k), 'K': (k, cfg.block_n)})
+  return _shape_reason('gmm_t', kernels, m, k, n, dtype)
 
 
-def tgmm_reason(m: int, k: int, n: int, dtype) -> str | None:
+def tgmm_reason(m: int, k: int, n: int, dtype, kernels: str = 'stock') -> str | None:
   """Why `tgmm` cannot serve x [m, k], dy [m, n] -> [G, k, n] (None if it can)."""
-  cfg = block_config('tgmm', k, n)
-  return _shape_reason(dtype, {'M': (m, 1), 'K': (k, cfg.block_m), 'N': (n, cfg.block_n)})
+  return _shape_reason('tgmm', kernels, m, k, n, dtype)
 
 
 def _pad_axis(a, axis: int, multiple: int):
@@ -137,42 +175,48 @@ def _zero_tail_rows(y, group_sizes):
   return jnp.where(rows < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
 
 
-def _kwargs(cfg: BlockConfig) -> dict[str, int]:
-  return dataclasses.asdict(cfg)
-
-
-def gmm(x, w, group_sizes):
-  """[M, K] x [G, K, N] -> [M, N] (bf16/fp16, f32 accumulation); check `gmm_reason` first."""
+def _ragged_dot(op: str, kernels: str, lhs, rhs, group_sizes, k: int, n: int,
+                transpose_rhs: bool):
+  if kernels == 'ws':
+    return hopper_ws.gmm(lhs, rhs, group_sizes, cfg=ws_config(op, k, n),
+                         transpose_rhs=transpose_rhs)
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+  return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs,
+                                    **dataclasses.asdict(block_config(op, k, n)))
+
+
+def gmm(x, w, group_sizes, kernels: str = 'stock'):
+  """[M, K] x [G, K, N] -> [M, N] (bf16/fp16, f32 accumulation); check `gmm_reason` first."""
   m, k = x.shape
   n = w.shape[2]
-  cfg = block_config('gmm', k, n)
-  xp = _pad_axis(_pad_axis(x, 1, cfg.block_k), 0, _ROW_MULTIPLE)
-  wp = _pad_axis(_pad_axis(w, 1, cfg.block_k), 2, cfg.block_n)
-  y = ragged_dot_mgpu.ragged_dot(xp, wp, group_sizes=group_sizes, **_kwargs(cfg))
+  mult = _multiples('gmm', kernels, k, n)
+  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
+  wp = _pad_axis(_pad_axis(w, 1, mult['K']), 2, mult['N'])
+  y = _ragged_dot('gmm', kernels, xp, wp, group_sizes, k, n, transpose_rhs=False)
   return _zero_tail_rows(y[:m, :n], group_sizes)
 
 
-def gmm_t(dy, w, group_sizes):
+def gmm_t(dy, w, group_sizes, kernels: str = 'stock'):
   """[M, N] x [G, K, N]^T -> [M, K]: the input gradient of `gmm`; check `gmm_t_reason` first."""
-  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
   m = dy.shape[0]
   k, n = w.shape[1:]
-  cfg = block_config('gmm_t', k, n)
-  dyp = _pad_axis(_pad_axis(dy, 1, cfg.block_k), 0, _ROW_MULTIPLE)
-  wp = _pad_axis(_pad_axis(w, 2, cfg.block_k), 1, cfg.block_n)
-  dx = ragged_dot_mgpu.ragged_dot(dyp, wp, group_sizes=group_sizes, transpose_rhs=True,
-                                  **_kwargs(cfg))
+  mult = _multiples('gmm_t', kernels, k, n)
+  dyp = _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
+  wp = _pad_axis(_pad_axis(w, 2, mult['N']), 1, mult['K'])
+  dx = _ragged_dot('gmm_t', kernels, dyp, wp, group_sizes, k, n, transpose_rhs=True)
   return _zero_tail_rows(dx[:m, :k], group_sizes)
 
 
-def tgmm(x, dy, group_sizes):
+def tgmm(x, dy, group_sizes, kernels: str = 'stock'):
   """x [M, K], dy [M, N] -> [G, K, N], dw[g] = x_g^T dy_g; check `tgmm_reason` first."""
-  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
   k, n = x.shape[1], dy.shape[1]
-  cfg = block_config('tgmm', k, n)
-  xp = _pad_axis(_pad_axis(x, 1, cfg.block_m), 0, _ROW_MULTIPLE)
-  dyp = _pad_axis(_pad_axis(dy, 1, cfg.block_n), 0, _ROW_MULTIPLE)
-  dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(xp, dyp, group_sizes=group_sizes,
-                                                        **_kwargs(cfg))
+  mult = _multiples('tgmm', kernels, k, n)
+  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
+  dyp = _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
+  if kernels == 'ws':
+    dw = hopper_ws.tgmm(xp, dyp, group_sizes, cfg=ws_config('tgmm', k, n))
+  else:
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
+        xp, dyp, group_sizes=group_sizes, **dataclasses.asdict(block_config('tgmm', k, n)))
   return dw[:, :k, :n]
