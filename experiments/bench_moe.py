@@ -2,6 +2,7 @@
 
   python experiments/bench_moe.py --json_out=/tmp/bench_moe.json        # H100: the three shapes
   python experiments/bench_moe.py --smoke                               # tiny, CPU, seconds
+  python experiments/bench_moe.py --products --ws_sweep                 # H100: kernels alone
 
 Shapes (T, D, F, E, k): T tokens, D d_model, F d_ff per expert, E experts, k top_k. For each shape
 and routing ('balanced': the random router as initialised; 'zipf': the router biased so that expert
@@ -11,11 +12,16 @@ loads follow Zipf's law) it times, forward and forward+backward:
   ragged/IMPL  dropless MoE, grouped matmul implementation IMPL ('xla', 'hopper', ...)
   capacity     GShard-style capacity dispatch at --capacity_factor (drops tokens)
   dense        every expert on every token (only below --dense_max_elements)
+With --products it times instead the six grouped matmuls of the expert FFN on their own
+(forward gmm, input-gradient gmm_t, weight-gradient tgmm, for wi [D, F] and wo [F, D]) on balanced
+groups, for each implementation; --ws_sweep adds every tile variant of the 'hopper_ws' kernels
+(WS_VARIANTS), to fill hopper.py's tile choice from measurements.
 Useful TFLOP/s count the active expert matmuls only (6·T·k·D·F forward, 3x that forward+backward),
 so a dispatch that wastes work (capacity padding, dense) is not credited for it. Each time is the
 median of many runs after a warm-up, with the spread (10th-90th percentile) beside it; memory is
 the compiled executable's arguments + outputs + temporaries.
 """
+import functools
 import json
 import statistics
 import sys
@@ -30,10 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import moe as moe_lib
+from moejax.kernels import grouped_matmul as gmm_lib
+from moejax.kernels import hopper
+from moejax.kernels import hopper_ws
 
 SHAPES = ((16384, 2048, 4096, 8, 2), (16384, 2048, 1408, 64, 6), (8192, 4096, 14336, 8, 2))
 SMOKE_SHAPES = ((64, 32, 16, 4, 2),)
 ROUTINGS = ('balanced', 'zipf')
+# (max_concurrent_steps, grid_block_n, tile_n) of the warp-specialized kernels, for --ws_sweep.
+WS_VARIANTS = tuple((steps, gbn, tile_n) for steps in (2, 3) for gbn in (1, 4, 8, 16)
+                    for tile_n in (128, 64))
 
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes and few repeats (CPU, CI).')
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Write all results here as JSON.')
@@ -48,6 +60,10 @@ _ZIPF = flags.DEFINE_float('zipf_exponent', 1.0, 'Expert e gets load ~ 1 / (e + 
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Params and compute.')
 _REPEATS = flags.DEFINE_integer('repeats', 30, 'Most timed runs per case.')
 _SECONDS = flags.DEFINE_float('seconds_per_case', 1.0, 'Fewer repeats for slow cases.')
+_PRODUCTS = flags.DEFINE_bool('products', False,
+                              'Time the grouped-matmul products alone instead of the layer.')
+_WS_SWEEP = flags.DEFINE_bool('ws_sweep', False,
+                              "With --products: also every 'hopper_ws' tile variant.")
 _DENSE_MAX = flags.DEFINE_integer('dense_max_elements', 2**27,
                                   'Skip dense dispatch when E*T*F exceeds this.')
 
@@ -197,6 +213,68 @@ def run(shapes, routings, impls, dispatches, *, capacity_factor, seq_len, dtype,
   return results
 
 
+def _ws_fits(op: str, k: int, n: int, cfg: hopper_ws.WSConfig) -> bool:
+  """Whether the 'hopper_ws' kernel with tiles cfg serves op on [M, k] x [G, k, n] unpadded."""
+  if op == 'tgmm':
+    return k % cfg.tile_m == 0 and n % cfg.cta_n == 0
+  contraction, out_cols = (n, k) if op == 'gmm_t' else (k, n)
+  return contraction % cfg.tile_k == 0 and out_cols % cfg.cta_n == 0
+
+
+def _ws_variant_fns(op: str, k: int, n: int, group_sizes) -> dict:
+  """{name: fn} for each WS_VARIANTS tile choice that serves op unpadded."""
+  fns = {}
+  for steps, gbn, tile_n in WS_VARIANTS:
+    cfg = hopper_ws.WSConfig(tile_n=tile_n, max_concurrent_steps=steps, grid_block_n=gbn)
+    if not _ws_fits(op, k, n, cfg):
+      continue
+    name = f'{op}/ws[s{steps},g{gbn},n{tile_n}]'
+    if op == 'tgmm':
+      fns[name] = functools.partial(hopper_ws.tgmm, group_sizes=group_sizes, cfg=cfg)
+    else:
+      fns[name] = functools.partial(hopper_ws.gmm, group_sizes=group_sizes, cfg=cfg,
+                                    transpose_rhs=op == 'gmm_t')
+  return fns
+
+
+def bench_products(shape, impls, dtype, repeats, seconds, sweep, log=print) -> list[dict]:
+  """Rows for the six grouped matmuls of the expert FFN at shape (T, D, F, E, k), balanced."""
+  t, d, f, e, k = shape
+  m = t * k
+  group_sizes = jnp.full((e,), m // e, jnp.int32).at[0].add(m % e)
+  keys = jax.random.split(jax.random.key(5), 3)
+  rows = []
+  for weight, (kk, n) in (('wi', (d, f)), ('wo', (f, d))):
+    x = jax.random.normal(keys[0], (m, kk), dtype)
+    w = (jax.random.normal(keys[1], (e, kk, n)) / np.sqrt(kk)).astype(dtype)
+    dy = jax.random.normal(keys[2], (m, n), dtype)
+    args = {'gmm': (x, w), 'gmm_t': (dy, w), 'tgmm': (x, dy)}
+    fns = {}
+    for impl in impls:
+      impl = gmm_lib.resolve_impl(impl)
+      fns[f'gmm/{impl}'] = functools.partial(gmm_lib.forward_product, group_sizes=group_sizes,
+                                             impl=impl)
+      fns[f'gmm_t/{impl}'] = functools.partial(gmm_lib.input_grad_product,
+                                               group_sizes=group_sizes, impl=impl)
+      fns[f'tgmm/{impl}'] = functools.partial(gmm_lib.weight_grad_product,
+                                              group_sizes=group_sizes, impl=impl)
+    if sweep and hopper.platform_reason() is None:
+      for op in args:
+        fns.update(_ws_variant_fns(op, kk, n, group_sizes))
+    for name, fn in fns.items():
+      try:
+        stats, _ = time_fn(fn, args[name.split('/')[0]], repeats, seconds)
+      except (jax.errors.JaxRuntimeError, ValueError) as err:  # out of memory, over smem
+        log(f'{weight} {name} failed: {str(err)[:200]}')
+        continue
+      row = dict(case=name, weight=weight, T=t, D=d, F=f, E=e, k=k, M=m, K=kk, N=n,
+                 tflops=2 * m * kk * n / stats['ms'] / 1e9, **stats)
+      log(f"{weight:>3} M={m:<6} K={kk:<6} N={n:<6} E={e:<3} {name:<24} {row['ms']:>8.3f} ms"
+          f" ({row['p10_ms']:.3f}-{row['p90_ms']:.3f}) {row['tflops']:>7.1f} TFLOP/s")
+      rows.append(row)
+  return rows
+
+
 HEADER = (f"{'T':>6} {'D':>5} {'F':>6} {'E':>3} {'k':>2} {'routing':>8} {'case':<14} {'mode':<8}"
           f" {'ms':>9} {'p10-p90':>15} {'TFLOP/s':>8} {'vs dense':>8} {'dropped':>7}"
           f" {'max load':>8} {'MiB':>8}")
@@ -225,12 +303,16 @@ def main(argv):
   info = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
               date=time.strftime('%Y-%m-%d'), command=' '.join(sys.argv))
   print(f"{info['device']} ({info['platform']}), jax {info['jax']}, {info['date']}")
-  print(HEADER)
+  if not _PRODUCTS.value:
+    print(HEADER)
   results = []
   for shape in shapes:  # the JSON is rewritten after each shape, so a cut-off run keeps its rows
-    results += run([shape], _ROUTINGS.value, _IMPLS.value, _DISPATCHES.value,
-                   capacity_factor=_CAPACITY_FACTOR.value, seq_len=seq_len, dtype=dtype,
-                   repeats=repeats, seconds=seconds, dense_max_elements=_DENSE_MAX.value)
+    if _PRODUCTS.value:
+      results += bench_products(shape, _IMPLS.value, dtype, repeats, seconds, _WS_SWEEP.value)
+    else:
+      results += run([shape], _ROUTINGS.value, _IMPLS.value, _DISPATCHES.value,
+                     capacity_factor=_CAPACITY_FACTOR.value, seq_len=seq_len, dtype=dtype,
+                     repeats=repeats, seconds=seconds, dense_max_elements=_DENSE_MAX.value)
     if _JSON_OUT.value:
       with open(_JSON_OUT.value, 'w') as fh:
         json.dump(dict(info, results=results), fh, indent=1)

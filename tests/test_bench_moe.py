@@ -47,6 +47,34 @@ def test_smoke_run_writes_every_case(tmp_path):
   assert capacity['dropped_fraction'] > 0.0
 
 
+def test_products_smoke_times_six_products_per_impl(tmp_path):
+  bench = load_bench()
+  out = tmp_path / 'products.json'
+  flags.FLAGS(['bench_moe'], known_only=True)
+  with flagsaver.flagsaver(smoke=True, products=True, json_out=str(out),
+                           impls=['xla', 'hopper_ws']):
+    bench.main(['bench_moe'])
+  rows = json.loads(out.read_text())['results']
+  # Off Hopper 'hopper_ws' resolves to itself and falls back per product; both are timed.
+  names = {(r['weight'], r['case']) for r in rows}
+  for weight in ('wi', 'wo'):
+    for op in ('gmm', 'gmm_t', 'tgmm'):
+      assert {(weight, f'{op}/xla'), (weight, f'{op}/hopper_ws')} <= names
+  t, d, f, e, k = bench.SMOKE_SHAPES[0]
+  for r in rows:
+    assert r['M'] == t * k and {r['K'], r['N']} == {d, f}
+    assert r['tflops'] == pytest.approx(2 * r['M'] * r['K'] * r['N'] / r['ms'] / 1e9)
+
+
+def test_ws_variants_fit_their_shapes():
+  bench = load_bench()
+  fns = bench._ws_variant_fns('gmm', 2048, 1408, group_sizes=None)
+  # 1408 = 11 x 128 columns: only the 64-wide consumer tiles (CTA 128) fit.
+  assert fns and all(name.endswith('n64]') for name in fns)
+  assert len(bench._ws_variant_fns('tgmm', 2048, 4096, group_sizes=None)) == len(bench.WS_VARIANTS)
+  assert not bench._ws_variant_fns('gmm_t', 2048, 100, group_sizes=None)  # N % 64 != 0
+
+
 def test_unknown_routing_fails_before_timing():
   bench = load_bench()
   with pytest.raises(ValueError, match=r"\['uniform'\]"):

@@ -56,7 +56,8 @@ def _use_hopper(impl: str, op: str, reason_fn, m: int, k: int, n: int, dtype) ->
   return False
 
 
-def _fwd_product(x, w, group_sizes, impl):
+def forward_product(x, w, group_sizes, impl):
+  """y [M, N] = x [M, K] @ w[g] [G, K, N], with a resolved `impl`."""
   m, k = x.shape
   n = w.shape[2]
   if _use_hopper(impl, 'forward', hopper.gmm_reason, m, k, n, x.dtype):
@@ -64,7 +65,8 @@ def _fwd_product(x, w, group_sizes, impl):
   return jax.lax.ragged_dot(x, w, group_sizes)
 
 
-def _dx_product(dy, w, group_sizes, impl):
+def input_grad_product(dy, w, group_sizes, impl):
+  """dx [M, K] = dy [M, N] @ w[g]^T, with a resolved `impl`."""
   m, n = dy.shape
   k = w.shape[1]
   if _use_hopper(impl, 'input-gradient', hopper.gmm_t_reason, m, k, n, dy.dtype):
@@ -72,7 +74,8 @@ def _dx_product(dy, w, group_sizes, impl):
   return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
 
 
-def _dw_product(x, dy, group_sizes, impl):
+def weight_grad_product(x, dy, group_sizes, impl):
+  """dw [G, K, N] = x_g^T dy_g, with a resolved `impl`."""
   m, k = x.shape
   n = dy.shape[1]
   if _use_hopper(impl, 'weight-gradient', hopper.tgmm_reason, m, k, n, x.dtype):
@@ -82,18 +85,18 @@ def _dw_product(x, dy, group_sizes, impl):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(x, w, group_sizes, impl):
-  return _fwd_product(x, w, group_sizes, impl)
+  return forward_product(x, w, group_sizes, impl)
 
 
 def _gmm_fwd(x, w, group_sizes, impl):
-  return _fwd_product(x, w, group_sizes, impl), (x, w, group_sizes)
+  return forward_product(x, w, group_sizes, impl), (x, w, group_sizes)
 
 
 def _gmm_bwd(impl, residuals, dy):
   x, w, group_sizes = residuals
   dy = dy.astype(x.dtype)
-  dx = _dx_product(dy, w, group_sizes, impl).astype(x.dtype)
-  dw = _dw_product(x, dy, group_sizes, impl).astype(w.dtype)
+  dx = input_grad_product(dy, w, group_sizes, impl).astype(x.dtype)
+  dw = weight_grad_product(x, dy, group_sizes, impl).astype(w.dtype)
   return dx, dw, None
 
 
