@@ -19,6 +19,7 @@ from moejax import moe as moe_lib
 
 AUX_MEAN_KEYS = ('load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy')
 FFN_KINDS = ('dense', 'moe')
+ATTENTION_IMPLS = ('xla', 'cudnn')
 _FFN_MATMULS = 3  # both activations are gated (SwiGLU, GeGLU): wi_0, wi_1, wo
 
 
@@ -57,6 +58,9 @@ def validate_config(model_config):
   if model_config.first_dense_layers < 0:
     raise ValueError(f'model.first_dense_layers={model_config.first_dense_layers}; '
                      'expected an integer >= 0')
+  if model_config.attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention_impl={model_config.attention_impl!r}; expected one of '
+                     f'{ATTENTION_IMPLS}')
   if model_config.moe.activation not in experts_lib.ACTIVATIONS:
     raise ValueError(f'model.moe.activation={model_config.moe.activation!r}; expected one of '
                      f'{tuple(experts_lib.ACTIVATIONS)}')
@@ -92,23 +96,35 @@ def apply_rope(x, positions, base):
   return rotated.astype(x.dtype)
 
 
-def _attention(q, k, v, **kwargs):
-  """`jax.nn.dot_product_attention` (fused cuDNN paths on GPU), in the inputs' dtype.
+def _attention(q, k, v, impl='xla', **kwargs):
+  """`jax.nn.dot_product_attention` in the inputs' dtype, with `implementation=impl`.
 
+  'xla' materialises the [B, H, S, S] probabilities (and keeps them for the backward pass);
+  'cudnn' is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16), which never does.
   XLA's CPU backend has no fp16 x fp16 -> fp32 dot, which the reference attention asks for, so
   fp16 attention on CPU runs in float32 (CPU runs are for testing; speed there is moot).
   """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}')
+  if impl == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU; the default backend is "
+                     f"{jax.default_backend()} (use 'xla')")
   if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
     out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                        v.astype(jnp.float32), **kwargs)
     return out.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, **kwargs)
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kwargs)
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention with RoPE and an optional KV cache. [B, S, D] -> [B, S, D]."""
+  """Multi-head causal self-attention with RoPE and an optional KV cache. [B, S, D] -> [B, S, D].
+
+  `attention_impl` ('xla' | 'cudnn', see `_attention`) serves the full-sequence pass; decoding
+  from the cache attends one step at a time with an explicit mask and always uses 'xla'.
+  """
   num_heads: int
   rope_base: float
+  attention_impl: str = 'xla'
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -135,7 +151,7 @@ class CausalSelfAttention(nn.Module):
       positions = jnp.arange(x.shape[1])
       q = apply_rope(q, positions, self.rope_base)
       k = apply_rope(k, positions, self.rope_base)
-      out = _attention(q, k, v, is_causal=True)
+      out = _attention(q, k, v, self.attention_impl, is_causal=True)
 
     out_kernel = self.param('out', _partitioned(_fan_in_init((0, 1), 2), ('heads', 'kv', 'embed')),
                             (self.num_heads, head_dim, d_model), self.param_dtype)
@@ -170,7 +186,9 @@ class Block(nn.Module):
     cfg = self.config
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(name='attn_norm', **dtypes)(x)
-    x = x + CausalSelfAttention(cfg.num_heads, cfg.rope_base, name='attn', **dtypes)(h, decode)
+    attention = CausalSelfAttention(cfg.num_heads, cfg.rope_base, cfg.attention_impl, name='attn',
+                                    **dtypes)
+    x = x + attention(h, decode)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     h = RMSNorm(name='ffn_norm', **dtypes)(x)
     if self.use_moe:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moejax import model as model_lib
 from moejax import precision
@@ -203,10 +204,36 @@ class ModelTest(parameterized.TestCase):
       ('moe_every', dict(moe_every=0), 'model.moe_every'),
       ('first_dense', dict(first_dense_layers=-1), 'model.first_dense_layers'),
       ('odd_head_dim', dict(num_heads=32), 'rotary'),
+      ('attention_impl', dict(attention_impl='flash'), 'model.attention_impl'),
   )
   def test_bad_config_raises(self, overrides, field):
     with self.assertRaisesRegex(ValueError, field):
       model_lib.build_model(tiny_config(**overrides), precision.get_policy('fp32'))
+
+  def test_cudnn_attention_off_gpu_raises(self):
+    if jax.default_backend() == 'gpu':
+      self.skipTest('checks the error off NVIDIA GPUs')
+    model = model_lib.build_model(tiny_config(attention_impl='cudnn'), precision.get_policy('fp32'))
+    with self.assertRaisesRegex(ValueError, "attention_impl='cudnn' needs an NVIDIA GPU"):
+      model.init(jax.random.key(0), tokens_for())
+
+  @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+  def test_cudnn_attention_matches_xla(self):
+    # head_dim 64, bf16: the shapes cuDNN's flash attention serves.
+    config = dict(d_model=256, num_heads=4, max_seq_len=128)
+    tokens = tokens_for(batch=2, length=128)
+    results = []
+    for impl in ('xla', 'cudnn'):
+      model = model_lib.build_model(tiny_config(attention_impl=impl, **config),
+                                    precision.get_policy('bf16'))
+      variables = model.init(jax.random.key(0), tokens)
+      loss = lambda v: jnp.mean(model.apply(v, tokens)[0] ** 2)
+      results.append(jax.jit(jax.value_and_grad(loss))(variables))
+    (loss_xla, grads_xla), (loss_cudnn, grads_cudnn) = results
+    np.testing.assert_allclose(loss_cudnn, loss_xla, rtol=2e-2)
+    for got, want in zip(jax.tree.leaves(grads_cudnn), jax.tree.leaves(grads_xla)):
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      self.assertLess(np.linalg.norm(got - want), 5e-2 * np.linalg.norm(want) + 1e-6)
 
   def test_input_longer_than_max_seq_len_raises(self):
     model, variables, _ = _init('dense', False, 'fp32')

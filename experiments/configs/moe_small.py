@@ -31,6 +31,7 @@ def get_config(arg=None):
       first_dense_layers=0,
       tie_embeddings=False,
       remat=False,               # recompute each block in the backward pass to save memory
+      attention_impl='xla',      # 'xla' | 'cudnn' (fused flash attention; try it on the GPU)
   ))
   config.model.moe = ml_collections.ConfigDict(dict(
       num_experts=8,
