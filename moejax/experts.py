@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.grouped_glu import grouped_glu
 from moejax.kernels.grouped_matmul import grouped_matmul
 
 ACTIVATIONS = {'swiglu': nn.silu, 'gelu': nn.gelu}
@@ -31,14 +32,13 @@ def expert_ffn(wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, x: jax.Array,
 
   wi_0, wi_1 [E, D, F], wo [E, F, D], all in the compute dtype, and either
     group_sizes None: x [E, C, D] or [G, E, C, D] -> same shape (batched einsum), or
-    group_sizes [E] int32: x [N, D] sorted by expert -> [N, D] (three grouped matmuls; rows past
-    sum(group_sizes) come out zero).
+    group_sizes [E] int32: x [N, D] sorted by expert -> [N, D] (the gated layer `grouped_glu`,
+    then a grouped matmul; rows past sum(group_sizes) come out zero).
   """
   check_activation(activation)
   act = ACTIVATIONS[activation]
   if group_sizes is not None:
-    h = act(grouped_matmul(x, wi_0, group_sizes, impl=gmm_impl))
-    h = h * grouped_matmul(x, wi_1, group_sizes, impl=gmm_impl)
+    h = grouped_glu(x, wi_0, wi_1, group_sizes, act, impl=gmm_impl)
     return grouped_matmul(h, wo, group_sizes, impl=gmm_impl)
   if x.ndim == 3:
     h = act(jnp.einsum('ecd,edf->ecf', x, wi_0)) * jnp.einsum('ecd,edf->ecf', x, wi_1)

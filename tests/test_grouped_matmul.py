@@ -146,7 +146,7 @@ class GroupedMatmulTest(parameterized.TestCase):
 class HopperShapeLogicTest(parameterized.TestCase):
   """Pure-Python checks of what the kernels can serve; these run anywhere."""
 
-  @parameterized.parameters(*hopper.KERNELS)
+  @parameterized.parameters('stock', 'ws')
   def test_reasons(self, kernels):
     for k, n in ((2048, 1408), (1408, 2048), (2048, 4096), (4096, 14336)):
       self.assertIsNone(hopper.gmm_reason(32768, k, n, jnp.bfloat16, kernels))
@@ -173,6 +173,17 @@ class HopperShapeLogicTest(parameterized.TestCase):
       self.assertEqual(k % cfg.block_m, 0)
     else:
       self.assertEqual(contraction % cfg.block_k, 0)
+
+  def test_paired_kernel_reasons(self):
+    for d, f in ((2048, 4096), (2048, 1408), (4096, 14336)):
+      self.assertIsNone(hopper.glu_reason(32768, d, f, jnp.bfloat16))
+      self.assertIsNone(hopper.gmm_t_sum_reason(32768, d, f, jnp.bfloat16))
+    self.assertEqual(hopper.ws_pair_config('gmm', 2048, 1408).tile_n, 128)  # 1408 = 11 x 128
+    self.assertEqual(hopper.ws_pair_config('gmm', 2048, 320).tile_n, 64)
+    self.assertIn('float32', hopper.glu_reason(128, 128, 128, jnp.float32))
+    self.assertIn('N=200', hopper.glu_reason(128, 128, 200, jnp.bfloat16))
+    with self.assertRaisesRegex(ValueError, 'paired kernels'):
+      hopper.ws_pair_config('tgmm', 128, 128)
 
   def test_bad_op_or_kernels_raise(self):
     with self.assertRaisesRegex(ValueError, 'op must be'):

@@ -5,8 +5,9 @@ Three checks that need no GPU:
   - each kernel lowers for CUDA (Pallas -> Mosaic GPU, including layout inference and the
     shared-memory budget) at the benchmark's model shapes;
   - with jax >= 0.11, each kernel runs under the Mosaic-GPU interpreter, which simulates the
-    warpgroups, TMA copies and barriers on CPU, and matches `jax.lax.ragged_dot`.
-tests/test_grouped_matmul.py runs the same kernels on an H100.
+    warpgroups, TMA copies and barriers on CPU, matches `jax.lax.ragged_dot`, and shows no data
+    race to the interpreter's race detector (the paired kernels hand tiles between consumers).
+tests/test_grouped_matmul.py and tests/test_grouped_glu.py run the same kernels on an H100.
 """
 from unittest import mock
 
@@ -75,6 +76,17 @@ class LoweringTest(parameterized.TestCase):
       self.assertIn('mosaic_gpu', _lower_for_cuda(dx, (m, n), (e, k, n), (e,)))
       self.assertIn('mosaic_gpu', _lower_for_cuda(dw, (m, k), (m, n), (e,)))
 
+  @parameterized.parameters((32768, 2048, 4096, 8), (98304, 2048, 1408, 64))
+  def test_paired_kernels_lower_for_cuda(self, m, d, f, e):
+    glu = lambda x, w0, w1, s: hopper_ws.gmm_pair(
+        x, w0, w1, s, epilogue='glu', activation=jax.nn.silu,
+        cfg=hopper.ws_pair_config('gmm', d, f))
+    dx = lambda dh0, w0, w1, dh1, s: hopper_ws.gmm_pair(
+        dh0, w0, w1, s, lhs1=dh1, epilogue='sum', cfg=hopper.ws_pair_config('gmm_t', d, f),
+        transpose_rhs=True)
+    self.assertIn('mosaic_gpu', _lower_for_cuda(glu, (m, d), (e, d, f), (e, d, f), (e,)))
+    self.assertIn('mosaic_gpu', _lower_for_cuda(dx, (m, f), (e, d, f), (e, d, f), (m, f), (e,)))
+
   def test_too_many_stages_exceed_shared_memory(self):
     # 4 stages of 48 KiB plus two 32 KiB output tiles: over the H100's 227 KiB.
     cfg = hopper_ws.WSConfig(max_concurrent_steps=4)
@@ -88,11 +100,22 @@ class LoweringTest(parameterized.TestCase):
       hopper_ws.gmm(x, w, s)
     with self.assertRaisesRegex(ValueError, 'matching dtypes'):
       hopper_ws.tgmm(jnp.ones((64, 128), jnp.float16), jnp.ones((64, 256), jnp.bfloat16), s)
+    with self.assertRaisesRegex(ValueError, "'glu' with an activation"):
+      hopper_ws.gmm_pair(x, w, w, s, epilogue='glu')
 
 
 def _rel_err(got, want):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def _interpret(fn, *args):
+  """fn(*args) with every Mosaic-GPU kernel interpreted on CPU; fails on a detected data race."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # the race detector's state
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+    out = jax.block_until_ready(fn(*args))
+  assert not gpu_callbacks.get_races().races_found, f'data race in {fn.__name__}'
+  return out
 
 
 class InterpreterTest(parameterized.TestCase):
@@ -120,10 +143,9 @@ class InterpreterTest(parameterized.TestCase):
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     w = (jax.random.normal(keys[1], (g, k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
     dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-      y = hopper.gmm(x, w, gs, 'ws')
-      dx = hopper.gmm_t(dy, w, gs, 'ws')
-      dw = hopper.tgmm(x, dy, gs, 'ws')
+    y = _interpret(hopper.gmm, x, w, gs, 'ws')
+    dx = _interpret(hopper.gmm_t, dy, w, gs, 'ws')
+    dw = _interpret(hopper.tgmm, x, dy, gs, 'ws')
     f32 = lambda a: a.astype(jnp.float32)
     ref_y, ref_vjp = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, gs), f32(x), f32(w))
     ref_dx, ref_dw = ref_vjp(f32(dy))
@@ -133,3 +155,29 @@ class InterpreterTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(dx[m - 3:], np.float32), 0.0)
     empty = np.flatnonzero(sizes == 0)
     np.testing.assert_array_equal(np.asarray(dw[empty], np.float32), 0.0)
+
+  @parameterized.parameters(
+      (256, 128, 256, 2, 'balanced'),
+      (300, 64, 320, 4, 'empty'),     # N = 320: 64-wide tiles
+      (250, 192, 128, 5, 'random'),   # rows not a multiple of 8
+  )
+  def test_paired_kernels_match_separate_products(self, m, d, f, g, mode):
+    sizes = _sizes(mode, m, g)
+    sizes[-1] -= 3
+    gs = jnp.asarray(sizes)
+    keys = jax.random.split(jax.random.key(m + 1), 5)
+    x = jax.random.normal(keys[0], (m, d), jnp.bfloat16)
+    w0, w1 = ((jax.random.normal(key, (g, d, f)) / np.sqrt(d)).astype(jnp.bfloat16)
+              for key in keys[1:3])
+    dh0, dh1 = (jax.random.normal(key, (m, f), jnp.bfloat16) for key in keys[3:])
+    h0, h1, a = _interpret(hopper.glu, x, w0, w1, gs, jax.nn.silu)
+    dx = _interpret(hopper.gmm_t_sum, dh0, w0, dh1, w1, gs)
+    f32 = lambda t: t.astype(jnp.float32)
+    ref_h0 = jax.lax.ragged_dot(f32(x), f32(w0), gs)
+    ref_h1 = jax.lax.ragged_dot(f32(x), f32(w1), gs)
+    ref_dx = (jax.lax.ragged_dot(f32(dh0), jnp.swapaxes(f32(w0), 1, 2), gs)
+              + jax.lax.ragged_dot(f32(dh1), jnp.swapaxes(f32(w1), 1, 2), gs))
+    for got, want in ((h0, ref_h0), (h1, ref_h1), (a, jax.nn.silu(ref_h0) * ref_h1),
+                      (dx, ref_dx)):
+      self.assertLess(_rel_err(got, want), 1e-2)
+      np.testing.assert_array_equal(np.asarray(got[m - 3:], np.float32), 0.0)

@@ -42,18 +42,24 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def _use_hopper(impl: str, op: str, reason_fn, m: int, k: int, n: int, dtype) -> bool:
-  if impl not in _KERNELS:
-    return False
-  reason = hopper.platform_reason() or reason_fn(m, k, n, dtype, _KERNELS[impl])
+def log_fallback_once(impl: str, op: str, m: int, k: int, n: int, dtype, reason: str | None,
+                      fallback: str = 'xla') -> bool:
+  """True when reason is None (the kernel serves op); else logs why, once per case, and False."""
   if reason is None:
     return True
   key = (impl, op, m, k, n, jnp.dtype(dtype).name, reason)
   if key not in _logged_fallbacks:
     _logged_fallbacks.add(key)
-    logging.warning('grouped_matmul %s %s [M=%d, K=%d, N=%d] %s: falling back to xla (%s)',
-                    impl, op, m, k, n, jnp.dtype(dtype).name, reason)
+    logging.warning('grouped_matmul %s %s [M=%d, K=%d, N=%d] %s: falling back to %s (%s)',
+                    impl, op, m, k, n, jnp.dtype(dtype).name, fallback, reason)
   return False
+
+
+def _use_hopper(impl: str, op: str, reason_fn, m: int, k: int, n: int, dtype) -> bool:
+  if impl not in _KERNELS:
+    return False
+  reason = hopper.platform_reason() or reason_fn(m, k, n, dtype, _KERNELS[impl])
+  return log_fallback_once(impl, op, m, k, n, dtype, reason)
 
 
 def forward_product(x, w, group_sizes, impl):

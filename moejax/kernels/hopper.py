@@ -13,6 +13,9 @@ Kernel families (`KERNELS`):
            `transposed_ragged_dot_mgpu`): one warpgroup per 128x128 tile; measured on an H100.
   'ws'     moejax's warp-specialized kernels in `hopper_ws.py`: a TMA producer warpgroup and two
            consumer warpgroups on a 128x256 tile.
+  'ws_pair' the same kernels' paired form (`hopper_ws.gmm_pair`): both consumers on one 128x128
+           output tile, one product each, combined in the epilogue. It serves a gated FFN's
+           first layer (`glu`: act(x w0) * (x w1)) and its input gradient (`gmm_t_sum`).
 
 The kernels want: equal fp16/bf16 operand dtypes, the contraction a multiple of its tile depth,
 the output columns a multiple of the column tile (and for `tgmm` the output rows a multiple of the
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 
 from moejax.kernels import hopper_ws
 
-KERNELS = ('stock', 'ws')
+KERNELS = ('stock', 'ws', 'ws_pair')
 _OPS = ('gmm', 'gmm_t', 'tgmm')
 _DTYPES = (jnp.bfloat16, jnp.float16)
 # Padding a dimension by more than this share of its size costs more than the kernel saves.
@@ -112,6 +115,14 @@ def ws_config(op: str, k: int, n: int) -> hopper_ws.WSConfig:
   return hopper_ws.WSConfig(tile_n=128 if out_cols % 256 == 0 else 64)
 
 
+def ws_pair_config(op: str, k: int, n: int) -> hopper_ws.WSConfig:
+  """Tiles of `hopper_ws.gmm_pair` for op 'gmm' (the glu) or 'gmm_t' (the summed gradient)."""
+  if op not in ('gmm', 'gmm_t'):
+    raise ValueError(f"op must be 'gmm' or 'gmm_t' for the paired kernels, got {op!r}")
+  out_cols = k if op == 'gmm_t' else n
+  return hopper_ws.WSConfig(tile_n=128 if out_cols % 128 == 0 else 64)
+
+
 def _multiples(op: str, kernels: str, k: int, n: int) -> dict[str, int]:
   """What each of K and N must be a multiple of for `op` in kernel family `kernels`."""
   if kernels == 'stock':
@@ -120,6 +131,9 @@ def _multiples(op: str, kernels: str, k: int, n: int) -> dict[str, int]:
   elif kernels == 'ws':
     cfg = ws_config(op, k, n)
     row_tile, col_tile, depth = cfg.tile_m, cfg.cta_n, cfg.tile_k
+  elif kernels == 'ws_pair':
+    cfg = ws_pair_config(op, k, n)
+    row_tile, col_tile, depth = cfg.tile_m, cfg.tile_n, cfg.tile_k
   else:
     raise ValueError(f'kernels must be one of {KERNELS}, got {kernels!r}')
   if op == 'gmm':
@@ -220,3 +234,37 @@ def tgmm(x, dy, group_sizes, kernels: str = 'stock'):
     dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
         xp, dyp, group_sizes=group_sizes, **dataclasses.asdict(block_config('tgmm', k, n)))
   return dw[:, :k, :n]
+
+
+def glu_reason(m: int, k: int, n: int, dtype) -> str | None:
+  """Why `glu` cannot serve x [m, k] with w0, w1 [G, k, n] (None if it can)."""
+  return _shape_reason('gmm', 'ws_pair', m, k, n, dtype)
+
+
+def gmm_t_sum_reason(m: int, k: int, n: int, dtype) -> str | None:
+  """Why `gmm_t_sum` cannot serve dy0, dy1 [m, n] with w0, w1 [G, k, n] (None if it can)."""
+  return _shape_reason('gmm_t', 'ws_pair', m, k, n, dtype)
+
+
+def glu(x, w0, w1, group_sizes, activation):
+  """x [M, K], w0, w1 [G, K, N] -> (h0, h1, activation(h0) * h1), each [M, N]."""
+  m, k = x.shape
+  n = w0.shape[2]
+  mult = _multiples('gmm', 'ws_pair', k, n)
+  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
+  pad_w = lambda w: _pad_axis(_pad_axis(w, 1, mult['K']), 2, mult['N'])
+  outs = hopper_ws.gmm_pair(xp, pad_w(w0), pad_w(w1), group_sizes, epilogue='glu',
+                            activation=activation, cfg=ws_pair_config('gmm', k, n))
+  return tuple(_zero_tail_rows(o[:m, :n], group_sizes) for o in outs)
+
+
+def gmm_t_sum(dy0, w0, dy1, w1, group_sizes):
+  """dy0, dy1 [M, N], w0, w1 [G, K, N] -> dy0 w0[g]^T + dy1 w1[g]^T [M, K]."""
+  m = dy0.shape[0]
+  k, n = w0.shape[1:]
+  mult = _multiples('gmm_t', 'ws_pair', k, n)
+  pad_dy = lambda dy: _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
+  pad_w = lambda w: _pad_axis(_pad_axis(w, 2, mult['N']), 1, mult['K'])
+  dx = hopper_ws.gmm_pair(pad_dy(dy0), pad_w(w0), pad_w(w1), group_sizes, lhs1=pad_dy(dy1),
+                          epilogue='sum', cfg=ws_pair_config('gmm_t', k, n), transpose_rhs=True)
+  return _zero_tail_rows(dx[:m, :k], group_sizes)

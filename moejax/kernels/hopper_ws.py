@@ -310,8 +310,9 @@ def tgmm(lhs, rhs, group_sizes, *, cfg: WSConfig = WSConfig(), sms: int | None =
           def _():
             row = first_row + r * cfg.tile_k + plgpu.layout_cast(
                 lax.broadcasted_iota(jnp.int32, (cfg.tile_k, cfg.tile_n), 0), plgpu.Layout.WGMMA)
-            keep = ((row >= start) & (row < end)).astype(dtype)
-            rhs_half[...] = rhs_half[...] * keep
+            keep = (row >= start) & (row < end)
+            # A select, not a multiply: rows outside the group may hold anything, NaN included.
+            rhs_half[...] = jnp.where(keep, rhs_half[...], jnp.zeros((), dtype))
             plgpu.commit_smem()
 
           plgpu.wgmma(acc, lhs_smem.transpose((1, 0)), rhs_half)
@@ -334,3 +335,172 @@ def tgmm(lhs, rhs, group_sizes, *, cfg: WSConfig = WSConfig(), sms: int | None =
       compiler_params=_compiler_params(plgpu),
   )
   return call(starts, ends, lhs, rhs)
+
+
+def gmm_pair(lhs0, rhs0, rhs1, group_sizes, *, lhs1=None, epilogue: str, activation=None,
+             cfg: WSConfig = WSConfig(), transpose_rhs: bool = False, sms: int | None = None):
+  """Two grouped matmuls on the same output tile, one per consumer, combined in the epilogue.
+
+  Consumer c computes p_c = lhs_c @ rhs_c[g] ([M, K] x [G, K, N], or [G, N, K] with
+  transpose_rhs) for one tile_m x tile_n output tile; lhs1 defaults to lhs0, which is then loaded
+  once for both. The epilogue:
+    'sum'  -> p0 + p1 [M, N]: the input gradient of a gated FFN, dx = dh0 w0^T + dh1 w1^T, without
+              two [M, K] partial results in HBM and the add that reads them back.
+    'glu'  -> (p0, p1, activation(p0) * p1), each [M, N]: the gated FFN's first layer with the
+              activation fused (p0 and p1 are kept for the backward pass).
+  Each p_c is rounded to lhs0.dtype before it is combined, as the unfused products are. Wants
+  K % tile_k == 0 and N % tile_n == 0; rows past sum(group_sizes) are not written.
+  """
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  if epilogue not in ('sum', 'glu') or (epilogue == 'glu') != (activation is not None):
+    raise ValueError(f"epilogue must be 'sum', or 'glu' with an activation; got {epilogue!r}")
+  shared_lhs = lhs1 is None
+  lhs1 = lhs0 if shared_lhs else lhs1
+  m, k = lhs0.shape
+  g = rhs0.shape[0]
+  n = rhs0.shape[1] if transpose_rhs else rhs0.shape[2]
+  k_rhs = rhs0.shape[2] if transpose_rhs else rhs0.shape[1]
+  dtype = lhs0.dtype
+  if (lhs1.shape != lhs0.shape or rhs1.shape != rhs0.shape or k != k_rhs
+      or {lhs1.dtype, rhs0.dtype, rhs1.dtype} != {dtype}):
+    raise ValueError(f'gmm_pair wants matching shapes and dtypes, got lhs {lhs0.shape} '
+                     f'{lhs1.shape}, rhs {rhs0.shape} {rhs1.shape} (transpose_rhs={transpose_rhs})')
+  if k % cfg.tile_k or n % cfg.tile_n:
+    raise ValueError(f'gmm_pair wants K % {cfg.tile_k} == 0 and N % {cfg.tile_n} == 0, '
+                     f'got K={k} N={n}')
+  m_tiles = pl.cdiv(m, cfg.tile_m) + g - 1
+  n_tiles = n // cfg.tile_n
+  transforms = _swizzled(plgpu, dtype, cfg.tile_k)
+  lhs_spec = plgpu.BlockSpec((cfg.tile_m, cfg.tile_k), lambda kk: (0, kk), transforms=transforms,
+                             memory_space=plgpu.SMEM)
+  rhs_spec = plgpu.BlockSpec(
+      (cfg.tile_n, cfg.tile_k) if transpose_rhs else (cfg.tile_k, cfg.tile_n),
+      (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0)),
+      transforms=transforms, memory_space=plgpu.SMEM)
+  in_specs = [lhs_spec, rhs_spec, rhs_spec] + ([] if shared_lhs else [lhs_spec])
+  num_outputs = 3 if epilogue == 'glu' else 1
+  # 'sum' exchanges p1 through one buffer; 'glu' stores p0 and p1 from their own buffers.
+  num_buffers = 2 if epilogue == 'glu' else 1
+
+  def pipeline(step, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(k // cfg.tile_k,),
+        memory_registers=_PRODUCER_REGISTERS,
+        in_specs=in_specs,
+        wg_axis='wg',
+        num_compute_wgs=_NUM_CONSUMERS,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  def kernel(sizes_gmem, lhs0_gmem, rhs0_gmem, rhs1_gmem, lhs1_gmem, *out_gmems):
+    unused = lambda *_, **__: None
+    operands = (lhs0_gmem, rhs0_gmem.at[0], rhs1_gmem.at[0]) + (
+        () if shared_lhs else (lhs1_gmem,))
+
+    @functools.partial(
+        pl.run_scoped,
+        allocations=pipeline(unused, unused).get_allocations(*operands),
+        buffers=plgpu.SMEM((num_buffers, cfg.tile_m, cfg.tile_n), dtype),
+        consumers_meet=plgpu.Barrier(num_arrivals=_NUM_CONSUMERS),
+        collective_axes='wg',
+    )
+    def _(allocations, buffers, consumers_meet):
+      wg = lax.axis_index('wg')
+
+      def meet():
+        plgpu.barrier_arrive(consumers_meet)
+        plgpu.barrier_wait(consumers_meet)
+
+      @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes='sm')
+      def _(loop_info):
+        mi, ni = plgpu.planar_snake(loop_info.index[0], (m_tiles, n_tiles), 1, cfg.grid_block_n)
+        tile = _RowTile.find(sizes_gmem, g, cfg.tile_m, mi)
+        rows = pl.ds(tile.block * cfg.tile_m, cfg.tile_m)
+        cols = pl.ds(ni * cfg.tile_n, cfg.tile_n)
+
+        def store(buffer, out_gmem):
+          _store_rows(plgpu, pl, buffer, out_gmem.at[rows, cols], tile.first_row, tile.size,
+                      cfg.tile_m)
+
+        def compute_context(run_pipeline):
+          @functools.partial(pl.run_scoped, acc=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
+          def _(acc):
+            run_pipeline(acc)
+            product = acc[...].astype(dtype)
+            # The last tile's stores have read the buffers, and the other consumer is done
+            # with them too.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            meet()
+            if epilogue == 'sum':
+              @pl.when(wg == 1)
+              def _():
+                buffers[0] = product
+                plgpu.commit_smem()
+              meet()
+
+              @pl.when(wg == 0)
+              def _():
+                total = product.astype(jnp.float32) + buffers[0].astype(jnp.float32)
+                buffers[0] = total.astype(dtype)
+                plgpu.commit_smem()
+                store(buffers.at[0], out_gmems[0])
+            else:
+              buffers[wg] = product
+              plgpu.commit_smem()
+              for c in range(_NUM_CONSUMERS):  # p_c goes out from consumer c's own buffer
+                pl.when(wg == c)(lambda c=c: store(buffers.at[c], out_gmems[c]))
+              meet()
+
+              @pl.when(wg == 0)
+              def _():
+                gated = activation(product.astype(jnp.float32)) * buffers[1].astype(jnp.float32)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # p0's store has read buffer 0
+                buffers[0] = gated.astype(dtype)
+                plgpu.commit_smem()
+                store(buffers.at[0], out_gmems[2])
+            # A consumer overwrites a buffer only after the next tile's first meet(), which the
+            # other consumer reaches once it is done reading.
+
+        def step(_, *refs):
+          lhs0_smem, rhs0_smem, rhs1_smem = refs[:3]
+          lhs1_smem = lhs0_smem if shared_lhs else refs[3]
+          acc = refs[-1]
+          take = (lambda r: r.transpose((1, 0))) if transpose_rhs else (lambda r: r)
+
+          @pl.when(wg == 0)
+          def _():
+            plgpu.wgmma(acc, lhs0_smem, take(rhs0_smem))
+
+          @pl.when(wg == 1)
+          def _():
+            plgpu.wgmma(acc, lhs1_smem, take(rhs1_smem))
+
+          plgpu.wgmma_wait(0)
+          return acc
+
+        @pl.when(tile.size > 0)
+        def _():
+          pipeline(step, compute_context)(
+              lhs0_gmem.at[rows, :],
+              rhs0_gmem.at[tile.group, cols, :] if transpose_rhs else rhs0_gmem.at[tile.group, :, cols],
+              rhs1_gmem.at[tile.group, cols, :] if transpose_rhs else rhs1_gmem.at[tile.group, :, cols],
+              *(() if shared_lhs else (lhs1_gmem.at[rows, :],)),
+              allocations=allocations)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((m, n), dtype),) * num_outputs,
+      grid=(sms or num_sms(),),
+      grid_names=('sm',),
+      num_threads=_NUM_CONSUMERS + 1,
+      thread_name='wg',
+      compiler_params=_compiler_params(plgpu),
+  )
+  outs = call(group_sizes.astype(jnp.int32), lhs0, rhs0, rhs1, lhs1)
+  return outs[0] if epilogue == 'sum' else tuple(outs)
