@@ -14,8 +14,9 @@ loads follow Zipf's law) it times, forward and forward+backward:
   dense        every expert on every token (only below --dense_max_elements)
 With --products it times instead the six grouped matmuls of the expert FFN on their own
 (forward gmm, input-gradient gmm_t, weight-gradient tgmm, for wi [D, F] and wo [F, D]) on balanced
-groups, for each implementation; --ws_sweep adds every tile variant of the 'hopper_ws' kernels
-(WS_VARIANTS), to fill hopper.py's tile choice from measurements.
+groups, for each implementation, and the gated first layer `grouped_glu` (glu fwd and fwd+bwd:
+paired kernels with 'hopper_ws', separate products otherwise); --ws_sweep adds every tile variant
+of the 'hopper_ws' kernels (WS_VARIANTS), to fill hopper.py's tile choice from measurements.
 Useful TFLOP/s count the active expert matmuls only (6·T·k·D·F forward, 3x that forward+backward),
 so a dispatch that wastes work (capacity padding, dense) is not credited for it. Each time is the
 median of many runs after a warm-up, with the spread (10th-90th percentile) beside it; memory is
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import moe as moe_lib
+from moejax.kernels import grouped_glu as glu_lib
 from moejax.kernels import grouped_matmul as gmm_lib
 from moejax.kernels import hopper
 from moejax.kernels import hopper_ws
@@ -242,8 +244,21 @@ def bench_products(shape, impls, dtype, repeats, seconds, sweep, log=print) -> l
   t, d, f, e, k = shape
   m = t * k
   group_sizes = jnp.full((e,), m // e, jnp.int32).at[0].add(m % e)
-  keys = jax.random.split(jax.random.key(5), 3)
+  keys = jax.random.split(jax.random.key(5), 4)
   rows = []
+
+  def record(name, weight, kk, n, fn, args, flops):
+    try:
+      stats, _ = time_fn(fn, args, repeats, seconds)
+    except (jax.errors.JaxRuntimeError, ValueError) as err:  # out of memory, over smem
+      log(f'{weight} {name} failed: {str(err)[:200]}')
+      return
+    row = dict(case=name, weight=weight, T=t, D=d, F=f, E=e, k=k, M=m, K=kk, N=n,
+               tflops=flops / stats['ms'] / 1e9, **stats)
+    log(f"{weight:>3} M={m:<6} K={kk:<6} N={n:<6} E={e:<3} {name:<24} {row['ms']:>8.3f} ms"
+        f" ({row['p10_ms']:.3f}-{row['p90_ms']:.3f}) {row['tflops']:>7.1f} TFLOP/s")
+    rows.append(row)
+
   for weight, (kk, n) in (('wi', (d, f)), ('wo', (f, d))):
     x = jax.random.normal(keys[0], (m, kk), dtype)
     w = (jax.random.normal(keys[1], (e, kk, n)) / np.sqrt(kk)).astype(dtype)
@@ -262,16 +277,20 @@ def bench_products(shape, impls, dtype, repeats, seconds, sweep, log=print) -> l
       for op in args:
         fns.update(_ws_variant_fns(op, kk, n, group_sizes))
     for name, fn in fns.items():
-      try:
-        stats, _ = time_fn(fn, args[name.split('/')[0]], repeats, seconds)
-      except (jax.errors.JaxRuntimeError, ValueError) as err:  # out of memory, over smem
-        log(f'{weight} {name} failed: {str(err)[:200]}')
-        continue
-      row = dict(case=name, weight=weight, T=t, D=d, F=f, E=e, k=k, M=m, K=kk, N=n,
-                 tflops=2 * m * kk * n / stats['ms'] / 1e9, **stats)
-      log(f"{weight:>3} M={m:<6} K={kk:<6} N={n:<6} E={e:<3} {name:<24} {row['ms']:>8.3f} ms"
-          f" ({row['p10_ms']:.3f}-{row['p90_ms']:.3f}) {row['tflops']:>7.1f} TFLOP/s")
-      rows.append(row)
+      record(name, weight, kk, n, fn, args[name.split('/')[0]], 2 * m * kk * n)
+
+  # The gated layer act(x wi_0) * (x wi_1): two products forward, six forward+backward.
+  x = jax.random.normal(keys[0], (m, d), dtype)
+  w0, w1 = ((jax.random.normal(key, (e, d, f)) / np.sqrt(d)).astype(dtype) for key in keys[1:3])
+  cotangent = jax.random.normal(keys[3], (m, f), dtype)
+  for impl in impls:
+    impl = gmm_lib.resolve_impl(impl)
+    glu = functools.partial(glu_lib.grouped_glu, group_sizes=group_sizes,
+                            activation=jax.nn.silu, impl=impl)
+    loss = lambda x, w0, w1, glu=glu: jnp.sum(glu(x, w0, w1).astype(jnp.float32) * cotangent)
+    record(f'glu/{impl}', 'wi', d, f, glu, (x, w0, w1), 4 * m * d * f)
+    record(f'glu_fwd+bwd/{impl}', 'wi', d, f, jax.value_and_grad(loss, (0, 1, 2)), (x, w0, w1),
+           12 * m * d * f)
   return rows
 
 

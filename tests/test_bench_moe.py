@@ -60,10 +60,13 @@ def test_products_smoke_times_six_products_per_impl(tmp_path):
   for weight in ('wi', 'wo'):
     for op in ('gmm', 'gmm_t', 'tgmm'):
       assert {(weight, f'{op}/xla'), (weight, f'{op}/hopper_ws')} <= names
+  for case in ('glu', 'glu_fwd+bwd'):
+    assert {('wi', f'{case}/xla'), ('wi', f'{case}/hopper_ws')} <= names
   t, d, f, e, k = bench.SMOKE_SHAPES[0]
   for r in rows:
     assert r['M'] == t * k and {r['K'], r['N']} == {d, f}
-    assert r['tflops'] == pytest.approx(2 * r['M'] * r['K'] * r['N'] / r['ms'] / 1e9)
+    products = {'glu': 4, 'glu_fwd+bwd': 12}.get(r['case'].split('/')[0], 2)
+    assert r['tflops'] == pytest.approx(products * r['M'] * r['K'] * r['N'] / r['ms'] / 1e9)
 
 
 def test_ws_variants_fit_their_shapes():
