@@ -112,7 +112,7 @@ class GroupedGluTest(parameterized.TestCase):
     with self.assertLogs(level='WARNING') as logs:
       value_and_grads(x, w0, w1, jnp.array([4, 4]), cotangent, jax.nn.silu, 'hopper_ws')
     paired = [line for line in logs.output if 'separate products' in line]
-    self.assertLen(paired, 2)  # the forward and the input gradient, once each
+    self.assertLen(paired, 3)  # the forward and the two gradients, once each
     self.assertIn('hopper_ws glu', paired[0])
 
 

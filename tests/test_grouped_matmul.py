@@ -178,12 +178,14 @@ class HopperShapeLogicTest(parameterized.TestCase):
     for d, f in ((2048, 4096), (2048, 1408), (4096, 14336)):
       self.assertIsNone(hopper.glu_reason(32768, d, f, jnp.bfloat16))
       self.assertIsNone(hopper.gmm_t_sum_reason(32768, d, f, jnp.bfloat16))
+      self.assertIsNone(hopper.tgmm_pair_reason(32768, d, f, jnp.bfloat16))
     self.assertEqual(hopper.ws_pair_config('gmm', 2048, 1408).tile_n, 128)  # 1408 = 11 x 128
     self.assertEqual(hopper.ws_pair_config('gmm', 2048, 320).tile_n, 64)
     self.assertIn('float32', hopper.glu_reason(128, 128, 128, jnp.float32))
     self.assertIn('N=200', hopper.glu_reason(128, 128, 200, jnp.bfloat16))
-    with self.assertRaisesRegex(ValueError, 'paired kernels'):
-      hopper.ws_pair_config('tgmm', 128, 128)
+    self.assertIn('K=200', hopper.tgmm_pair_reason(128, 200, 128, jnp.bfloat16))  # K % 128
+    with self.assertRaisesRegex(ValueError, 'op must be'):
+      hopper.ws_pair_config('glu', 128, 128)
 
   def test_bad_op_or_kernels_raise(self):
     with self.assertRaisesRegex(ValueError, 'op must be'):

@@ -86,6 +86,9 @@ class LoweringTest(parameterized.TestCase):
         transpose_rhs=True)
     self.assertIn('mosaic_gpu', _lower_for_cuda(glu, (m, d), (e, d, f), (e, d, f), (e,)))
     self.assertIn('mosaic_gpu', _lower_for_cuda(dx, (m, f), (e, d, f), (e, d, f), (m, f), (e,)))
+    dw = lambda x, dh0, dh1, s: hopper_ws.tgmm(x, dh0, s, rhs1=dh1,
+                                               cfg=hopper.ws_pair_config('tgmm', d, f))
+    self.assertIn('mosaic_gpu', _lower_for_cuda(dw, (m, d), (m, f), (m, f), (e,)))
 
   def test_too_many_stages_exceed_shared_memory(self):
     # 4 stages of 48 KiB plus two 32 KiB output tiles: over the H100's 227 KiB.
@@ -102,6 +105,12 @@ class LoweringTest(parameterized.TestCase):
       hopper_ws.tgmm(jnp.ones((64, 128), jnp.float16), jnp.ones((64, 256), jnp.bfloat16), s)
     with self.assertRaisesRegex(ValueError, "'glu' with an activation"):
       hopper_ws.gmm_pair(x, w, w, s, epilogue='glu')
+
+
+# dw[g] = x_g^T dy_g: contract the ragged rows.
+_WEIGHT_GRAD_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[])
 
 
 def _rel_err(got, want):
@@ -158,8 +167,8 @@ class InterpreterTest(parameterized.TestCase):
 
   @parameterized.parameters(
       (256, 128, 256, 2, 'balanced'),
-      (300, 64, 320, 4, 'empty'),     # N = 320: 64-wide tiles
-      (250, 192, 128, 5, 'random'),   # rows not a multiple of 8
+      (300, 128, 320, 4, 'empty'),    # N = 320: 64-wide tiles
+      (250, 256, 128, 5, 'random'),   # rows not a multiple of 8
   )
   def test_paired_kernels_match_separate_products(self, m, d, f, g, mode):
     sizes = _sizes(mode, m, g)
@@ -172,6 +181,7 @@ class InterpreterTest(parameterized.TestCase):
     dh0, dh1 = (jax.random.normal(key, (m, f), jnp.bfloat16) for key in keys[3:])
     h0, h1, a = _interpret(hopper.glu, x, w0, w1, gs, jax.nn.silu)
     dx = _interpret(hopper.gmm_t_sum, dh0, w0, dh1, w1, gs)
+    dw0, dw1 = _interpret(hopper.tgmm_pair, x, dh0, dh1, gs)
     f32 = lambda t: t.astype(jnp.float32)
     ref_h0 = jax.lax.ragged_dot(f32(x), f32(w0), gs)
     ref_h1 = jax.lax.ragged_dot(f32(x), f32(w1), gs)
@@ -181,3 +191,6 @@ class InterpreterTest(parameterized.TestCase):
                       (dx, ref_dx)):
       self.assertLess(_rel_err(got, want), 1e-2)
       np.testing.assert_array_equal(np.asarray(got[m - 3:], np.float32), 0.0)
+    weight_grad = lambda dh: jax.lax.ragged_dot_general(f32(x), f32(dh), gs, _WEIGHT_GRAD_DIMS)
+    self.assertLess(_rel_err(dw0, weight_grad(dh0)), 1e-2)
+    self.assertLess(_rel_err(dw1, weight_grad(dh1)), 1e-2)

@@ -7,11 +7,11 @@ One custom VJP around the whole gated layer, so that the products can be paired:
   backward(da)     dh0 = act'(h0) * h1 * da,  dh1 = act(h0) * da                (elementwise)
                    dx  = dh0 w0^T + dh1 w1^T                                    [M, D]
                    dw0 = x^T dh0,  dw1 = x^T dh1                                per group
-With impl='hopper_ws' on an H100 the forward is one kernel that reads x once and applies the
-activation in its epilogue, and dx is one kernel that sums both products on chip
-(`hopper.glu`, `hopper.gmm_t_sum`): on the E=64 benchmark shape that avoids about 2 GB of HBM
-traffic per step (the [M, D] partial gradients and their sum, a second read of x, a re-read of
-h0 and h1). Every other case, and every shape the paired kernels cannot serve, runs the same maths
+With impl='hopper_ws' on an H100 each line is one paired kernel (`hopper.glu`, `gmm_t_sum`,
+`tgmm_pair`): the forward reads x once and applies the activation in its epilogue, dx sums both
+products on chip, and the weight gradients share each loaded x tile. On the E=64 benchmark shape
+that avoids about 2.4 GB of HBM traffic per step (the [M, D] partial gradients and their sum, two
+extra reads of x, a re-read of h0 and h1). Every other case, and every shape the paired kernels cannot serve, runs the same maths
 as separate grouped matmuls (`grouped_matmul.*_product` with the same impl).
 """
 import functools
@@ -67,8 +67,11 @@ def _glu_bwd(activation, impl, residuals, da):
   else:
     dx = (gmm_lib.input_grad_product(dh0, w0, group_sizes, impl).astype(jnp.float32)
           + gmm_lib.input_grad_product(dh1, w1, group_sizes, impl).astype(jnp.float32))
-  dw0 = gmm_lib.weight_grad_product(x, dh0, group_sizes, impl)
-  dw1 = gmm_lib.weight_grad_product(x, dh1, group_sizes, impl)
+  if _paired(impl, 'glu weight-gradient', hopper.tgmm_pair_reason, m, d, f, x.dtype):
+    dw0, dw1 = hopper.tgmm_pair(x, dh0, dh1, group_sizes)
+  else:
+    dw0 = gmm_lib.weight_grad_product(x, dh0, group_sizes, impl)
+    dw1 = gmm_lib.weight_grad_product(x, dh1, group_sizes, impl)
   return dx.astype(x.dtype), dw0.astype(w0.dtype), dw1.astype(w1.dtype), None
 
 

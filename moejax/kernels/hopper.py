@@ -13,9 +13,10 @@ Kernel families (`KERNELS`):
            `transposed_ragged_dot_mgpu`): one warpgroup per 128x128 tile; measured on an H100.
   'ws'     moejax's warp-specialized kernels in `hopper_ws.py`: a TMA producer warpgroup and two
            consumer warpgroups on a 128x256 tile.
-  'ws_pair' the same kernels' paired form (`hopper_ws.gmm_pair`): both consumers on one 128x128
-           output tile, one product each, combined in the epilogue. It serves a gated FFN's
-           first layer (`glu`: act(x w0) * (x w1)) and its input gradient (`gmm_t_sum`).
+  'ws_pair' the same kernels' paired form: both consumers on one 128x128 output tile, one
+           product each. It serves a gated FFN's first layer (`glu`: act(x w0) * (x w1), one
+           shared x tile), its input gradient (`gmm_t_sum`: dh0 w0^T + dh1 w1^T summed on chip)
+           and its weight gradients (`tgmm_pair`: x^T dh0 and x^T dh1, one shared x tile).
 
 The kernels want: equal fp16/bf16 operand dtypes, the contraction a multiple of its tile depth,
 the output columns a multiple of the column tile (and for `tgmm` the output rows a multiple of the
@@ -116,9 +117,9 @@ def ws_config(op: str, k: int, n: int) -> hopper_ws.WSConfig:
 
 
 def ws_pair_config(op: str, k: int, n: int) -> hopper_ws.WSConfig:
-  """Tiles of `hopper_ws.gmm_pair` for op 'gmm' (the glu) or 'gmm_t' (the summed gradient)."""
-  if op not in ('gmm', 'gmm_t'):
-    raise ValueError(f"op must be 'gmm' or 'gmm_t' for the paired kernels, got {op!r}")
+  """Tiles of the paired kernels for `op` on the forward product [M, k] x [G, k, n]."""
+  if op not in _OPS:
+    raise ValueError(f'op must be one of {_OPS}, got {op!r}')
   out_cols = k if op == 'gmm_t' else n
   return hopper_ws.WSConfig(tile_n=128 if out_cols % 128 == 0 else 64)
 
@@ -246,6 +247,11 @@ def gmm_t_sum_reason(m: int, k: int, n: int, dtype) -> str | None:
   return _shape_reason('gmm_t', 'ws_pair', m, k, n, dtype)
 
 
+def tgmm_pair_reason(m: int, k: int, n: int, dtype) -> str | None:
+  """Why `tgmm_pair` cannot serve x [m, k] with dy0, dy1 [m, n] (None if it can)."""
+  return _shape_reason('tgmm', 'ws_pair', m, k, n, dtype)
+
+
 def glu(x, w0, w1, group_sizes, activation):
   """x [M, K], w0, w1 [G, K, N] -> (h0, h1, activation(h0) * h1), each [M, N]."""
   m, k = x.shape
@@ -268,3 +274,14 @@ def gmm_t_sum(dy0, w0, dy1, w1, group_sizes):
   dx = hopper_ws.gmm_pair(pad_dy(dy0), pad_w(w0), pad_w(w1), group_sizes, lhs1=pad_dy(dy1),
                           epilogue='sum', cfg=ws_pair_config('gmm_t', k, n), transpose_rhs=True)
   return _zero_tail_rows(dx[:m, :k], group_sizes)
+
+
+def tgmm_pair(x, dy0, dy1, group_sizes):
+  """x [M, K], dy0, dy1 [M, N] -> (x_g^T dy0_g, x_g^T dy1_g), each [G, K, N]."""
+  k, n = x.shape[1], dy0.shape[1]
+  mult = _multiples('tgmm', 'ws_pair', k, n)
+  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
+  pad_dy = lambda dy: _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
+  dw0, dw1 = hopper_ws.tgmm(xp, pad_dy(dy0), group_sizes, rhs1=pad_dy(dy1),
+                            cfg=ws_pair_config('tgmm', k, n))
+  return dw0[:, :k, :n], dw1[:, :k, :n]

@@ -219,29 +219,38 @@ def gmm(lhs, rhs, group_sizes, *, cfg: WSConfig = WSConfig(), transpose_rhs: boo
   return call(group_sizes.astype(jnp.int32), lhs, rhs)
 
 
-def tgmm(lhs, rhs, group_sizes, *, cfg: WSConfig = WSConfig(), sms: int | None = None):
+def tgmm(lhs, rhs, group_sizes, *, rhs1=None, cfg: WSConfig = WSConfig(),
+         sms: int | None = None):
   """lhs [M, K], rhs [M, N] -> [G, K, N] with out[g] = lhs_g^T rhs_g, in lhs.dtype.
 
-  Here tile_m tiles the output rows (K) and tile_k the reduced rows (M). Wants K % tile_m == 0
-  and N % (2 * tile_n) == 0; empty groups give zeros.
+  Here tile_m tiles the output rows (K) and tile_k the reduced rows (M). The consumers split a
+  tile_m x 2*tile_n output tile; with rhs1 (paired: the weight gradients of a gated layer, which
+  share lhs = x) each consumer instead computes one of lhs^T rhs and lhs^T rhs1 on the same
+  tile_m x tile_n tile, and the result is the pair of both. Wants K % tile_m == 0 and N a multiple
+  of the column tile; empty groups give zeros.
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
+  paired = rhs1 is not None
   m, k = lhs.shape
   n = rhs.shape[1]
   g = group_sizes.shape[0]
-  if lhs.dtype != rhs.dtype or rhs.shape[0] != m:
+  if lhs.dtype != rhs.dtype or rhs.shape[0] != m or (
+      paired and (rhs1.shape != rhs.shape or rhs1.dtype != rhs.dtype)):
     raise ValueError(f'tgmm wants matching dtypes and rows, got {lhs.shape} {lhs.dtype} and '
-                     f'{rhs.shape} {rhs.dtype}')
-  if k % cfg.tile_m or n % cfg.cta_n:
-    raise ValueError(f'tgmm wants K % {cfg.tile_m} == 0 and N % {cfg.cta_n} == 0, got K={k} N={n}')
+                     f'{rhs.shape} {rhs.dtype}' + (f', {rhs1.shape} {rhs1.dtype}' if paired else ''))
+  col_tile = cfg.tile_n if paired else cfg.cta_n
+  if k % cfg.tile_m or n % col_tile:
+    raise ValueError(f'tgmm wants K % {cfg.tile_m} == 0 and N % {col_tile} == 0, got K={k} N={n}')
   dtype = lhs.dtype
-  k_tiles, n_tiles = k // cfg.tile_m, n // cfg.cta_n
+  k_tiles, n_tiles = k // cfg.tile_m, n // col_tile
   transforms = _swizzled(plgpu, dtype, 64)
   sizes = group_sizes.astype(jnp.int32)
   ends = jnp.cumsum(sizes)
   starts = ends - sizes
+  rhs_spec = plgpu.BlockSpec((cfg.tile_k, col_tile), lambda r: (r, 0), transforms=transforms,
+                             memory_space=plgpu.SMEM)
 
   def pipeline(step, compute_context, num_steps):
     return plgpu.emit_pipeline_warp_specialized(
@@ -251,30 +260,35 @@ def tgmm(lhs, rhs, group_sizes, *, cfg: WSConfig = WSConfig(), sms: int | None =
         in_specs=[
             plgpu.BlockSpec((cfg.tile_k, cfg.tile_m), lambda r: (r, 0), transforms=transforms,
                             memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((cfg.tile_k, cfg.cta_n), lambda r: (r, 0), transforms=transforms,
-                            memory_space=plgpu.SMEM),
-        ],
+            rhs_spec,
+        ] + ([rhs_spec] if paired else []),
         wg_axis='wg',
         num_compute_wgs=_NUM_CONSUMERS,
         max_concurrent_steps=cfg.max_concurrent_steps,
         compute_context=compute_context,
     )
 
-  def kernel(starts_gmem, ends_gmem, lhs_gmem, rhs_gmem, out_gmem):
+  def kernel(starts_gmem, ends_gmem, lhs_gmem, *rhs_and_out_gmems):
+    rhs_gmems = rhs_and_out_gmems[:2 if paired else 1]
+    out_gmems = rhs_and_out_gmems[len(rhs_gmems):]
     unused = lambda *_, **__: None
 
     @functools.partial(
         pl.run_scoped,
         # Any static grid of at least max_concurrent_steps gives the buffers of a dynamic one.
         allocations=pipeline(unused, unused, cfg.max_concurrent_steps).get_allocations(
-            lhs_gmem, rhs_gmem),
+            lhs_gmem, *rhs_gmems),
         out_smem=plgpu.SMEM((_NUM_CONSUMERS, cfg.tile_m, cfg.tile_n), dtype,
                             transforms=transforms),
         collective_axes='wg',
     )
     def _(allocations, out_smem):
       wg = lax.axis_index('wg')
-      wg_cols = pl.ds(wg * cfg.tile_n, cfg.tile_n)
+
+      def for_this_consumer(fn, *per_consumer):
+        """fn(this consumer's element of each per_consumer tuple)."""
+        for c in range(_NUM_CONSUMERS):
+          pl.when(wg == c)(lambda c=c: fn(*(items[c] for items in per_consumer)))
 
       @plgpu.nd_loop((g, k_tiles * n_tiles), collective_axes='sm')
       def _(loop_info):
@@ -288,7 +302,12 @@ def tgmm(lhs, rhs, group_sizes, *, cfg: WSConfig = WSConfig(), sms: int | None =
         # Static length M from a dynamic start: the pipeline reads only num_steps blocks of it.
         group_rows = pl.ds(first_row, m)
         out_rows = pl.ds(ki * cfg.tile_m, cfg.tile_m)
-        cols = pl.ds(ni * cfg.cta_n, cfg.cta_n)
+        cols = pl.ds(ni * col_tile, col_tile)
+        # Where each consumer's tile goes: a column half of one output, or all of its own output.
+        destinations = tuple(
+            out_gmems[c].at[gi, out_rows, cols] if paired else
+            out_gmems[0].at[gi, out_rows, cols].at[:, pl.ds(c * cfg.tile_n, cfg.tile_n)]
+            for c in range(_NUM_CONSUMERS))
 
         def compute_context(run_pipeline):
           @functools.partial(pl.run_scoped, acc=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
@@ -298,43 +317,51 @@ def tgmm(lhs, rhs, group_sizes, *, cfg: WSConfig = WSConfig(), sms: int | None =
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             out_smem[wg] = result
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[gi, out_rows, cols].at[:, wg_cols])
+            for_this_consumer(plgpu.copy_smem_to_gmem,
+                              tuple(out_smem.at[c] for c in range(_NUM_CONSUMERS)), destinations)
 
-        def step(idx, lhs_smem, rhs_smem, acc):
+        def step(idx, lhs_smem, *rhs_and_acc):
           (r,) = idx
-          rhs_half = rhs_smem.at[:, wg_cols]
+          *rhs_smems, acc = rhs_and_acc
+          mine = tuple(rhs_smems) if paired else tuple(
+              rhs_smems[0].at[:, pl.ds(c * cfg.tile_n, cfg.tile_n)] for c in range(_NUM_CONSUMERS))
 
-          # Edge blocks hold rows of the neighbouring groups: zero them in this consumer's own
-          # half of the rhs tile (the lhs tile is shared with the other consumer).
-          @pl.when((r == 0) | (r == num_steps - 1))
-          def _():
-            row = first_row + r * cfg.tile_k + plgpu.layout_cast(
-                lax.broadcasted_iota(jnp.int32, (cfg.tile_k, cfg.tile_n), 0), plgpu.Layout.WGMMA)
-            keep = (row >= start) & (row < end)
-            # A select, not a multiply: rows outside the group may hold anything, NaN included.
-            rhs_half[...] = jnp.where(keep, rhs_half[...], jnp.zeros((), dtype))
-            plgpu.commit_smem()
+          def consume(rhs_tile):
+            # Edge blocks hold rows of the neighbouring groups: zero them in this consumer's own
+            # rhs tile (the lhs tile is shared with the other consumer).
+            @pl.when((r == 0) | (r == num_steps - 1))
+            def _():
+              row = first_row + r * cfg.tile_k + plgpu.layout_cast(
+                  lax.broadcasted_iota(jnp.int32, (cfg.tile_k, cfg.tile_n), 0),
+                  plgpu.Layout.WGMMA)
+              keep = (row >= start) & (row < end)
+              # A select, not a multiply: rows outside the group may hold anything, NaN included.
+              rhs_tile[...] = jnp.where(keep, rhs_tile[...], jnp.zeros((), dtype))
+              plgpu.commit_smem()
 
-          plgpu.wgmma(acc, lhs_smem.transpose((1, 0)), rhs_half)
+            plgpu.wgmma(acc, lhs_smem.transpose((1, 0)), rhs_tile)
+
+          for_this_consumer(consume, mine)
           plgpu.wgmma_wait(0)
           return acc
 
         pipeline(step, compute_context, num_steps)(
-            lhs_gmem.at[group_rows, out_rows], rhs_gmem.at[group_rows, cols],
+            lhs_gmem.at[group_rows, out_rows], *(r.at[group_rows, cols] for r in rhs_gmems),
             allocations=allocations)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   call = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((g, k, n), dtype),
+      out_type=(jax.ShapeDtypeStruct((g, k, n), dtype),) * (2 if paired else 1),
       grid=(sms or num_sms(),),
       grid_names=('sm',),
       num_threads=_NUM_CONSUMERS + 1,
       thread_name='wg',
       compiler_params=_compiler_params(plgpu),
   )
-  return call(starts, ends, lhs, rhs)
+  outs = call(starts, ends, lhs, rhs, *([rhs1] if paired else []))
+  return tuple(outs) if paired else outs[0]
 
 
 def gmm_pair(lhs0, rhs0, rhs1, group_sizes, *, lhs1=None, epilogue: str, activation=None,
