@@ -57,7 +57,7 @@ def value_and_grads(x, w0, w1, sizes, cotangent, activation, impl):
 
 class GroupedGluTest(parameterized.TestCase):
 
-  @parameterized.product(impl=('xla', 'hopper', 'hopper_ws'),
+  @parameterized.product(impl=('xla', 'blocked', 'hopper', 'hopper_ws'),
                          mode=('balanced', 'empty', 'skew', 'tail'))
   def test_swiglu_matches_numpy(self, impl, mode):
     m, d, f, g = 37, 6, 5, 4

@@ -75,8 +75,8 @@ def np_swiglu_loss_and_grads(x, wi, wo, sizes, dy):
 class GroupedMatmulTest(parameterized.TestCase):
 
   @parameterized.product(
-      impl=('xla', 'hopper', 'hopper_ws'),
-      shape=((23, 5, 7, 8), (40, 8, 8, 1)),
+      impl=('xla', 'blocked', 'hopper', 'hopper_ws'),
+      shape=((23, 5, 7, 8), (40, 8, 8, 1), (300, 6, 5, 3)),
       mode=('balanced', 'empty', 'skew', 'tail'))
   def test_forward_and_grads_match_numpy(self, impl, shape, mode):
     m, k, n, g = shape
@@ -140,7 +140,7 @@ class GroupedMatmulTest(parameterized.TestCase):
     self.assertLen(logs.output, 1)  # once per shape, not once per call
     self.assertIn(f'{impl} forward', logs.output[0])
     self.assertIn('falling back to xla', logs.output[0])
-    self.assertEqual(gmm_lib.resolve_impl('auto'), 'xla')
+    self.assertEqual(gmm_lib.resolve_impl('auto'), 'blocked')  # the faster one on CPU
 
 
 class HopperShapeLogicTest(parameterized.TestCase):

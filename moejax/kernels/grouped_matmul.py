@@ -4,11 +4,13 @@ Shapes: M rows (token slots sorted by expert), K contraction, N output, G groups
 
 `grouped_matmul` carries a custom VJP whose three products (forward, input gradient, weight
 gradient) each pick an implementation:
-  'xla'    `jax.lax.ragged_dot` / `ragged_dot_general`: the reference; CPU, TPU, any GPU.
+  'xla'       `jax.lax.ragged_dot` / `ragged_dot_general`: the reference; CPU, TPU, any GPU.
+  'blocked'   batched dense matmuls over padded row blocks (`blocked.py`), any platform; about
+              3.5x faster than 'xla' fwd+bwd on CPU.
   'hopper'    JAX's Pallas Mosaic-GPU kernels, through `hopper.py` (sm90 only).
   'hopper_ws' moejax's warp-specialized Mosaic-GPU kernels (`hopper_ws.py`, sm90 only); not yet
               timed on a GPU, so 'auto' does not choose them.
-  'auto'      'hopper' on an sm90 GPU, else 'xla'.
+  'auto'      'hopper' on an sm90 GPU, 'blocked' on CPU, else 'xla'.
 A product the chosen kernel cannot serve (dtype, shape) falls back to 'xla' and logs why once.
 """
 import functools
@@ -17,9 +19,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels import blocked
 from moejax.kernels import hopper
 
-IMPLS = ('auto', 'xla', 'hopper', 'hopper_ws')
+IMPLS = ('auto', 'xla', 'blocked', 'hopper', 'hopper_ws')
 # Which kernel family of hopper.py serves each Hopper implementation.
 _KERNELS = {'hopper': 'stock', 'hopper_ws': 'ws'}
 
@@ -38,7 +41,9 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f'gmm_impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return 'xla' if hopper.platform_reason() else 'hopper'
+    if hopper.platform_reason() is None:
+      return 'hopper'
+    return 'blocked' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 
@@ -68,6 +73,8 @@ def forward_product(x, w, group_sizes, impl):
   n = w.shape[2]
   if _use_hopper(impl, 'forward', hopper.gmm_reason, m, k, n, x.dtype):
     return hopper.gmm(x, w, group_sizes, _KERNELS[impl])
+  if impl == 'blocked':
+    return blocked.gmm(x, w, blocked.layout(group_sizes, m))
   return jax.lax.ragged_dot(x, w, group_sizes)
 
 
@@ -77,6 +84,8 @@ def input_grad_product(dy, w, group_sizes, impl):
   k = w.shape[1]
   if _use_hopper(impl, 'input-gradient', hopper.gmm_t_reason, m, k, n, dy.dtype):
     return hopper.gmm_t(dy, w, group_sizes, _KERNELS[impl])
+  if impl == 'blocked':
+    return blocked.gmm_t(dy, w, blocked.layout(group_sizes, m))
   return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
 
 
@@ -86,6 +95,8 @@ def weight_grad_product(x, dy, group_sizes, impl):
   n = dy.shape[1]
   if _use_hopper(impl, 'weight-gradient', hopper.tgmm_reason, m, k, n, x.dtype):
     return hopper.tgmm(x, dy, group_sizes, _KERNELS[impl])
+  if impl == 'blocked':
+    return blocked.tgmm(x, dy, blocked.layout(group_sizes, m), group_sizes.shape[0])
   return jax.lax.ragged_dot_general(x, dy, group_sizes, _TGMM_DIMS)
 
 

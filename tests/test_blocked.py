@@ -1,0 +1,51 @@
+"""Tests for moejax/kernels/blocked.py: the padded block layout and its three products.
+
+The products' numbers are checked against numpy with every other implementation in
+tests/test_grouped_matmul.py and tests/test_grouped_glu.py; here, the layout itself.
+"""
+from absl.testing import parameterized
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.kernels import blocked
+
+
+class BlockLayoutTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ([5, 0, 7], 12), ([1] * 8, 8), ([0, 0, 30], 30), ([3, 4], 10), ([200, 1, 55, 0], 256))
+  def test_rows_fill_blocks_of_their_own_group(self, sizes, m):
+    lay = blocked.layout(jnp.asarray(sizes, jnp.int32), m)
+    slot, block_group = np.asarray(lay.slot), np.asarray(lay.block_group)
+    total = sum(sizes)
+    # Rows inside a group get distinct slots in blocks tagged with that group...
+    inside = slot[:total]
+    self.assertLen(set(inside.tolist()), total)
+    self.assertTrue(np.all(inside < lay.num_slots))
+    np.testing.assert_array_equal(block_group[inside // lay.block],
+                                  np.repeat(np.arange(len(sizes)), sizes))
+    # ... in order, each group starting a fresh block; rows past the sum get no slot.
+    start = 0
+    for size in sizes:
+      if size:
+        self.assertEqual(slot[start] % lay.block, 0)
+        np.testing.assert_array_equal(np.diff(slot[start:start + size]), 1)
+      start += size
+    np.testing.assert_array_equal(slot[total:], lay.num_slots)
+
+  def test_block_size_follows_the_mean_group_size(self):
+    self.assertEqual(blocked.block_size(8192, 8), 128)  # capped
+    self.assertEqual(blocked.block_size(100, 8), 16)
+    self.assertEqual(blocked.block_size(5, 8), 8)  # at least 8
+
+  def test_products_keep_the_dtype_and_zero_rows_outside_groups(self):
+    sizes = jnp.array([3, 0, 4], jnp.int32)
+    lay = blocked.layout(sizes, 9)
+    x = jnp.ones((9, 4), jnp.bfloat16)
+    w = jnp.ones((3, 4, 5), jnp.bfloat16)
+    y = blocked.gmm(x, w, lay)
+    self.assertEqual(y.dtype, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y[:7], np.float32), 4.0)
+    np.testing.assert_array_equal(np.asarray(y[7:], np.float32), 0.0)
+    dw = blocked.tgmm(x, jnp.ones((9, 5), jnp.bfloat16), lay, 3)
+    np.testing.assert_array_equal(np.asarray(dw, np.float32)[:, 0, 0], [3.0, 0.0, 4.0])
