@@ -4,9 +4,9 @@ Command:  python experiments/train.py --config=experiments/configs/moe_tiny.py -
 Hardware: 2 CPU cores.
 Expected: <= 2.5 bits per byte on the validation split within 10 minutes (see docs/benchmarks.md).
 Measured: 2 CPU cores (otherwise idle), jax 0.10.2, 2026-11-23, a fresh venv from the README's
-          first command: 600 steps in 6m24s wall, 7.0k tokens/s; eval bits per byte 1.97 @300,
-          1.85 @400, 1.77 @500, 1.719 @600 (eval loss 1.1916 nats); the capacity dispatch drops
-          about 5 % of token slots. dense_tiny reaches 1.765 at the same step.
+          first command: 600 steps in 7m46s wall (8m21s with the install), 5.6k tokens/s; eval
+          bits per byte 2.18 @200, 1.96 @300, 1.85 @400, 1.76 @500, 1.717 @600 (eval loss
+          1.1902 nats), dropless. dense_tiny reaches 1.765 at the same step.
 Smoke:    --config=experiments/configs/moe_tiny.py:smoke runs in seconds.
 """
 import ml_collections
