@@ -31,7 +31,8 @@ class BlockLayoutTest(parameterized.TestCase):
         self.assertEqual(slot[start] % lay.block, 0)
         np.testing.assert_array_equal(np.diff(slot[start:start + size]), 1)
       start += size
-    np.testing.assert_array_equal(slot[total:], lay.num_slots)
+    self.assertTrue(np.all(slot[total:] >= lay.num_slots))
+    self.assertLen(set(slot.tolist()), m)  # unique, as the scatter promises XLA
 
   def test_block_size_follows_the_mean_group_size(self):
     self.assertEqual(blocked.block_size(8192, 8), 128)  # capped

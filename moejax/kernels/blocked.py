@@ -25,7 +25,7 @@ _MAX_BLOCK = 128
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-  """Where each row goes: rows [M] -> slots of an [NB·B] buffer (NB·B itself: no slot)."""
+  """Where each row goes: rows [M] -> slots of an [NB·B] buffer (>= NB·B: no slot)."""
   slot: jax.Array         # [M] int32
   block_group: jax.Array  # [NB] int32
   block: int
@@ -55,7 +55,8 @@ def layout(group_sizes: jax.Array, m: int) -> BlockLayout:
   group = jnp.searchsorted(ends, rows, side='right').astype(jnp.int32)  # g: past every group
   in_group = jnp.minimum(group, g - 1)
   slot = (padded_ends - padded)[in_group] + rows - (ends - sizes)[in_group]
-  slot = jnp.where(group < g, slot, num_blocks * block)
+  # Rows past every group get distinct out-of-range slots: dropped, and the indices stay unique.
+  slot = jnp.where(group < g, slot, num_blocks * block + rows)
   # Blocks past the last group's padding hold only zeros; any group will do for them.
   block_starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
   block_group = jnp.minimum(jnp.searchsorted(padded_ends, block_starts, side='right'), g - 1)
@@ -65,9 +66,9 @@ def layout(group_sizes: jax.Array, m: int) -> BlockLayout:
 
 def _to_blocks(a, lay: BlockLayout):
   """[M, C] -> [NB, B, C], zeros in the padding."""
-  buffer = jnp.zeros((lay.num_slots + 1, a.shape[1]), a.dtype)  # + 1: where no-slot rows land
-  buffer = buffer.at[lay.slot].set(a, unique_indices=True)
-  return buffer[:lay.num_slots].reshape(lay.num_blocks, lay.block, a.shape[1])
+  buffer = jnp.zeros((lay.num_slots, a.shape[1]), a.dtype)
+  buffer = buffer.at[lay.slot].set(a, mode='drop', unique_indices=True)
+  return buffer.reshape(lay.num_blocks, lay.block, a.shape[1])
 
 
 def _from_blocks(blocks, lay: BlockLayout):
