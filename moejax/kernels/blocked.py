@@ -19,7 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-# Largest block: enough rows per batched matmul to run at dense speed on CPU.
+# Largest block: 128 and 256 rows ran about equally fast on CPU at moe_tiny's shapes (32 and 64
+# were 1.7x and 1.1x slower forward+backward), and smaller blocks pad less.
 _MAX_BLOCK = 128
 
 
