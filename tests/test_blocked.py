@@ -3,11 +3,15 @@
 The products' numbers are checked against numpy with every other implementation in
 tests/test_grouped_matmul.py and tests/test_grouped_glu.py; here, the layout itself.
 """
+from unittest import mock
+
 from absl.testing import parameterized
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moejax.kernels import blocked
+from moejax.kernels import grouped_matmul as gmm_lib
 
 
 class BlockLayoutTest(parameterized.TestCase):
@@ -50,3 +54,17 @@ class BlockLayoutTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(y[7:], np.float32), 0.0)
     dw = blocked.tgmm(x, jnp.ones((9, 5), jnp.bfloat16), lay, 3)
     np.testing.assert_array_equal(np.asarray(dw, np.float32)[:, 0, 0], [3.0, 0.0, 4.0])
+
+  def test_large_weight_copies_fall_back_to_xla(self):
+    self.assertIsNone(blocked.reason(8192, 128, 256, 8, jnp.float32))  # moe_tiny: 9 MiB
+    self.assertIn('MiB', blocked.reason(32768, 1024, 2816, 8, jnp.float32))  # moe_small: GiBs
+    sizes = jnp.array([5, 7], jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (12, 4))
+    w = jax.random.normal(jax.random.key(1), (2, 4, 3))
+    gmm_lib._logged_fallbacks.clear()
+    with mock.patch.object(blocked, '_MAX_WEIGHT_COPY_BYTES', 16):
+      with self.assertLogs(level='WARNING') as logs:
+        y = gmm_lib.grouped_matmul(x, w, sizes, impl='blocked')
+    self.assertIn('blocked forward', logs.output[0])
+    self.assertIn('falling back to xla', logs.output[0])
+    np.testing.assert_allclose(y, jax.lax.ragged_dot(x, w, sizes), rtol=1e-6)

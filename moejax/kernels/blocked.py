@@ -12,7 +12,9 @@ grouped matmul and its gradients share one `BlockLayout`:
   gmm    y  [M, N]    = unblock(blocks(x) @ w[block_group])
   gmm_t  dx [M, K]    = unblock(blocks(dy) @ w[block_group]^T)
   tgmm   dw [G, K, N] = Σ over each group's blocks of blocks(x)^T @ blocks(dy)
-Rows past sum(group_sizes) belong to no block and come out zero.
+Rows past sum(group_sizes) belong to no block and come out zero. The batched matmul reads one
+copy of the weights per block (NB·K·N elements), so `reason` turns away shapes where that copy
+would be large (the caller then falls back to `jax.lax.ragged_dot`).
 """
 import dataclasses
 
@@ -22,6 +24,9 @@ import jax.numpy as jnp
 # Largest block: 128 and 256 rows ran about equally fast on CPU at moe_tiny's shapes (32 and 64
 # were 1.7x and 1.1x slower forward+backward), and smaller blocks pad less.
 _MAX_BLOCK = 128
+# Largest per-block weight copy a product may make: moe_tiny needs 9 MiB; a GPU-sized model on CPU
+# would need gigabytes, and XLA's ragged_dot needs none.
+_MAX_WEIGHT_COPY_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +48,27 @@ def block_size(m: int, g: int) -> int:
   return min(_MAX_BLOCK, max(8, 1 << (mean_rows - 1).bit_length()))
 
 
+def num_blocks(m: int, g: int) -> int:
+  """Blocks enough for m rows in g groups, each group padded to whole blocks."""
+  block = block_size(m, g)
+  return -(-(m + g * (block - 1)) // block)
+
+
+def reason(m: int, k: int, n: int, g: int, dtype) -> str | None:
+  """Why the blocked products should not serve [m, k] x [g, k, n] (None if they should)."""
+  copy_bytes = num_blocks(m, g) * k * n * jnp.dtype(dtype).itemsize
+  if copy_bytes > _MAX_WEIGHT_COPY_BYTES:
+    return (f'its per-block [K, N] weights (or weight gradients) would take '
+            f'{copy_bytes / 2**20:.0f} MiB '
+            f'(limit {_MAX_WEIGHT_COPY_BYTES / 2**20:.0f} MiB)')
+  return None
+
+
 def layout(group_sizes: jax.Array, m: int) -> BlockLayout:
   """The block layout of m rows sorted into len(group_sizes) groups."""
   g = group_sizes.shape[0]
   block = block_size(m, g)
-  num_blocks = -(-(m + g * (block - 1)) // block)
+  blocks = num_blocks(m, g)
   sizes = group_sizes.astype(jnp.int32)
   ends = jnp.cumsum(sizes)
   padded = -(-sizes // block) * block
@@ -57,12 +78,12 @@ def layout(group_sizes: jax.Array, m: int) -> BlockLayout:
   in_group = jnp.minimum(group, g - 1)
   slot = (padded_ends - padded)[in_group] + rows - (ends - sizes)[in_group]
   # Rows past every group get distinct out-of-range slots: dropped, and the indices stay unique.
-  slot = jnp.where(group < g, slot, num_blocks * block + rows)
+  slot = jnp.where(group < g, slot, blocks * block + rows)
   # Blocks past the last group's padding hold only zeros; any group will do for them.
-  block_starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
+  block_starts = jnp.arange(blocks, dtype=jnp.int32) * block
   block_group = jnp.minimum(jnp.searchsorted(padded_ends, block_starts, side='right'), g - 1)
   return BlockLayout(slot=slot, block_group=block_group.astype(jnp.int32), block=block,
-                     num_blocks=num_blocks)
+                     num_blocks=blocks)
 
 
 def _to_blocks(a, lay: BlockLayout):

@@ -11,7 +11,8 @@ gradient) each pick an implementation:
   'hopper_ws' moejax's warp-specialized Mosaic-GPU kernels (`hopper_ws.py`, sm90 only); not yet
               timed on a GPU, so 'auto' does not choose them.
   'auto'      'hopper' on an sm90 GPU, 'blocked' on CPU, else 'xla'.
-A product the chosen kernel cannot serve (dtype, shape) falls back to 'xla' and logs why once.
+A product the chosen implementation cannot serve (a Hopper kernel: dtype, shape; 'blocked': a
+large per-block weight copy) falls back to 'xla' and logs why once.
 """
 import functools
 
@@ -67,13 +68,19 @@ def _use_hopper(impl: str, op: str, reason_fn, m: int, k: int, n: int, dtype) ->
   return log_fallback_once(impl, op, m, k, n, dtype, reason)
 
 
+def _use_blocked(impl: str, op: str, m: int, k: int, n: int, g: int, dtype) -> bool:
+  if impl != 'blocked':
+    return False
+  return log_fallback_once(impl, op, m, k, n, dtype, blocked.reason(m, k, n, g, dtype))
+
+
 def forward_product(x, w, group_sizes, impl):
   """y [M, N] = x [M, K] @ w[g] [G, K, N], with a resolved `impl`."""
   m, k = x.shape
   n = w.shape[2]
   if _use_hopper(impl, 'forward', hopper.gmm_reason, m, k, n, x.dtype):
     return hopper.gmm(x, w, group_sizes, _KERNELS[impl])
-  if impl == 'blocked':
+  if _use_blocked(impl, 'forward', m, k, n, w.shape[0], x.dtype):
     return blocked.gmm(x, w, blocked.layout(group_sizes, m))
   return jax.lax.ragged_dot(x, w, group_sizes)
 
@@ -84,7 +91,7 @@ def input_grad_product(dy, w, group_sizes, impl):
   k = w.shape[1]
   if _use_hopper(impl, 'input-gradient', hopper.gmm_t_reason, m, k, n, dy.dtype):
     return hopper.gmm_t(dy, w, group_sizes, _KERNELS[impl])
-  if impl == 'blocked':
+  if _use_blocked(impl, 'input-gradient', m, k, n, w.shape[0], dy.dtype):
     return blocked.gmm_t(dy, w, blocked.layout(group_sizes, m))
   return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
 
@@ -95,7 +102,7 @@ def weight_grad_product(x, dy, group_sizes, impl):
   n = dy.shape[1]
   if _use_hopper(impl, 'weight-gradient', hopper.tgmm_reason, m, k, n, x.dtype):
     return hopper.tgmm(x, dy, group_sizes, _KERNELS[impl])
-  if impl == 'blocked':
+  if _use_blocked(impl, 'weight-gradient', m, k, n, group_sizes.shape[0], x.dtype):
     return blocked.tgmm(x, dy, blocked.layout(group_sizes, m), group_sizes.shape[0])
   return jax.lax.ragged_dot_general(x, dy, group_sizes, _TGMM_DIMS)
 
