@@ -11,8 +11,9 @@ With impl='hopper_ws' on an H100 each line is one paired kernel (`hopper.glu`, `
 `tgmm_pair`): the forward reads x once and applies the activation in its epilogue, dx sums both
 products on chip, and the weight gradients share each loaded x tile. On the E=64 benchmark shape
 that avoids about 2.4 GB of HBM traffic per step (the [M, D] partial gradients and their sum, two
-extra reads of x, a re-read of h0 and h1). Every other case, and every shape the paired kernels cannot serve, runs the same maths
-as separate grouped matmuls (`grouped_matmul.*_product` with the same impl).
+extra reads of x, a re-read of h0 and h1). Every other case, and every shape the paired kernels
+cannot serve, runs the same maths as separate grouped matmuls (`grouped_matmul.*_product` with the
+same impl).
 """
 import functools
 from typing import Callable

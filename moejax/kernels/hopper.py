@@ -1,4 +1,4 @@
-"""Hopper (sm90) grouped matmuls: shape checks, padding and tile sizes around two kernel families.
+"""Hopper (sm90) grouped matmuls: shape checks, padding and tiles for the Mosaic-GPU kernels.
 
 Shapes: M rows (token slots sorted by group), K contraction of the forward, N output of the forward,
 G groups (experts).

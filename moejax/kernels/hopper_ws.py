@@ -238,8 +238,9 @@ def tgmm(lhs, rhs, group_sizes, *, rhs1=None, cfg: WSConfig = WSConfig(),
   g = group_sizes.shape[0]
   if lhs.dtype != rhs.dtype or rhs.shape[0] != m or (
       paired and (rhs1.shape != rhs.shape or rhs1.dtype != rhs.dtype)):
+    second = f', {rhs1.shape} {rhs1.dtype}' if paired else ''
     raise ValueError(f'tgmm wants matching dtypes and rows, got {lhs.shape} {lhs.dtype} and '
-                     f'{rhs.shape} {rhs.dtype}' + (f', {rhs1.shape} {rhs1.dtype}' if paired else ''))
+                     f'{rhs.shape} {rhs.dtype}{second}')
   col_tile = cfg.tile_n if paired else cfg.cta_n
   if k % cfg.tile_m or n % col_tile:
     raise ValueError(f'tgmm wants K % {cfg.tile_m} == 0 and N % {col_tile} == 0, got K={k} N={n}')
@@ -511,10 +512,10 @@ def gmm_pair(lhs0, rhs0, rhs1, group_sizes, *, lhs1=None, epilogue: str, activat
 
         @pl.when(tile.size > 0)
         def _():
+          rhs_tile = lambda r: r.at[tile.group, cols, :] if transpose_rhs else r.at[
+              tile.group, :, cols]
           pipeline(step, compute_context)(
-              lhs0_gmem.at[rows, :],
-              rhs0_gmem.at[tile.group, cols, :] if transpose_rhs else rhs0_gmem.at[tile.group, :, cols],
-              rhs1_gmem.at[tile.group, cols, :] if transpose_rhs else rhs1_gmem.at[tile.group, :, cols],
+              lhs0_gmem.at[rows, :], rhs_tile(rhs0_gmem), rhs_tile(rhs1_gmem),
               *(() if shared_lhs else (lhs1_gmem.at[rows, :],)),
               allocations=allocations)
 
