@@ -217,10 +217,8 @@ def run(shapes, routings, impls, dispatches, *, capacity_factor, seq_len, dtype,
 
 def _ws_fits(op: str, k: int, n: int, cfg: hopper_ws.WSConfig) -> bool:
   """Whether the 'hopper_ws' kernel with tiles cfg serves op on [M, k] x [G, k, n] unpadded."""
-  if op == 'tgmm':
-    return k % cfg.tile_m == 0 and n % cfg.cta_n == 0
-  contraction, out_cols = (n, k) if op == 'gmm_t' else (k, n)
-  return contraction % cfg.tile_k == 0 and out_cols % cfg.cta_n == 0
+  multiples = hopper.tile_multiples(op, cfg.tile_m, cfg.cta_n, cfg.tile_k)
+  return k % multiples['K'] == 0 and n % multiples['N'] == 0
 
 
 def _ws_variant_fns(op: str, k: int, n: int, group_sizes) -> dict:

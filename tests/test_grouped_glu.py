@@ -16,6 +16,7 @@ from moejax.kernels import hopper
 from moejax.kernels.grouped_glu import grouped_glu
 from test_grouped_matmul import make_sizes  # tests/ is on sys.path under pytest
 from test_grouped_matmul import np_grouped_matmul
+from test_grouped_matmul import np_weight_grad
 
 requires_hopper = pytest.mark.skipif(hopper.platform_reason() is not None,
                                      reason='needs an sm90 (Hopper) GPU')
@@ -30,12 +31,7 @@ def np_swiglu_and_grads(x, w0, w1, sizes, cotangent):
   dh1 = cotangent * h0 * sig
   dx = (np_grouped_matmul(dh0, np.swapaxes(w0, 1, 2), sizes)
         + np_grouped_matmul(dh1, np.swapaxes(w1, 1, 2), sizes))
-  dw0, dw1 = np.zeros_like(w0), np.zeros_like(w1)
-  start = 0
-  for g, size in enumerate(sizes):
-    rows = slice(start, start + size)
-    dw0[g], dw1[g] = x[rows].T @ dh0[rows], x[rows].T @ dh1[rows]
-    start += size
+  dw0, dw1 = np_weight_grad(x, dh0, sizes), np_weight_grad(x, dh1, sizes)
   return np.sum(a * cotangent), a, (dx, dw0, dw1)
 
 

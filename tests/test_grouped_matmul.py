@@ -46,28 +46,26 @@ def np_grouped_matmul(x, w, sizes):
   return y
 
 
+def np_weight_grad(x, dy, sizes):
+  """dw[g] = x_g^T dy_g for rows sorted into groups of `sizes`."""
+  dw = np.zeros((len(sizes), x.shape[1], dy.shape[1]))
+  start = 0
+  for g, size in enumerate(sizes):
+    dw[g] = x[start:start + size].T @ dy[start:start + size]
+    start += size
+  return dw
+
+
 def np_swiglu_loss_and_grads(x, wi, wo, sizes, dy):
   """loss = <dy, gmm(silu(gmm(x, wi)), wo)> and its gradients, by hand in float64."""
   h = np_grouped_matmul(x, wi, sizes)
   sig = 1 / (1 + np.exp(-h))
   a = h * sig
-  dwo = np.zeros_like(wo)
-  dwi = np.zeros_like(wi)
-  da = np.zeros_like(a)
-  start = 0
-  for g, size in enumerate(sizes):
-    rows = slice(start, start + size)
-    dwo[g] = a[rows].T @ dy[rows]
-    da[rows] = dy[rows] @ wo[g].T
-    start += size
+  dwo = np_weight_grad(a, dy, sizes)
+  da = np_grouped_matmul(dy, np.swapaxes(wo, 1, 2), sizes)
   dh = da * (sig + h * sig * (1 - sig))
-  dx = np.zeros_like(x)
-  start = 0
-  for g, size in enumerate(sizes):
-    rows = slice(start, start + size)
-    dwi[g] = x[rows].T @ dh[rows]
-    dx[rows] = dh[rows] @ wi[g].T
-    start += size
+  dwi = np_weight_grad(x, dh, sizes)
+  dx = np_grouped_matmul(dh, np.swapaxes(wi, 1, 2), sizes)
   loss = np.sum(np_grouped_matmul(a, wo, sizes) * dy)
   return loss, dx, dwi, dwo
 

@@ -124,24 +124,28 @@ def ws_pair_config(op: str, k: int, n: int) -> hopper_ws.WSConfig:
   return hopper_ws.WSConfig(tile_n=128 if out_cols % 128 == 0 else 64)
 
 
-def _multiples(op: str, kernels: str, k: int, n: int) -> dict[str, int]:
-  """What each of K and N must be a multiple of for `op` in kernel family `kernels`."""
-  if kernels == 'stock':
-    cfg = block_config(op, k, n)
-    row_tile, col_tile, depth = cfg.block_m, cfg.block_n, cfg.block_k
-  elif kernels == 'ws':
-    cfg = ws_config(op, k, n)
-    row_tile, col_tile, depth = cfg.tile_m, cfg.cta_n, cfg.tile_k
-  elif kernels == 'ws_pair':
-    cfg = ws_pair_config(op, k, n)
-    row_tile, col_tile, depth = cfg.tile_m, cfg.tile_n, cfg.tile_k
-  else:
-    raise ValueError(f'kernels must be one of {KERNELS}, got {kernels!r}')
+def tile_multiples(op: str, row_tile: int, col_tile: int, depth: int) -> dict[str, int]:
+  """What K and N must be multiples of for `op` on [M, K] x [G, K, N], given a kernel's output
+  tile (row_tile x col_tile) and contraction step (depth)."""
   if op == 'gmm':
     return {'K': depth, 'N': col_tile}
   if op == 'gmm_t':  # contracts over N and writes K columns
     return {'N': depth, 'K': col_tile}
   return {'K': row_tile, 'N': col_tile}  # tgmm writes [K, N] tiles, contracts over rows
+
+
+def _multiples(op: str, kernels: str, k: int, n: int) -> dict[str, int]:
+  """`tile_multiples` of the tiles that kernel family `kernels` uses for `op`."""
+  if kernels == 'stock':
+    cfg = block_config(op, k, n)
+    return tile_multiples(op, cfg.block_m, cfg.block_n, cfg.block_k)
+  if kernels == 'ws':
+    cfg = ws_config(op, k, n)
+    return tile_multiples(op, cfg.tile_m, cfg.cta_n, cfg.tile_k)
+  if kernels == 'ws_pair':
+    cfg = ws_pair_config(op, k, n)
+    return tile_multiples(op, cfg.tile_m, cfg.tile_n, cfg.tile_k)
+  raise ValueError(f'kernels must be one of {KERNELS}, got {kernels!r}')
 
 
 def _shape_reason(op: str, kernels: str, m: int, k: int, n: int, dtype) -> str | None:
@@ -184,6 +188,16 @@ def _pad_axis(a, axis: int, multiple: int):
   return jnp.pad(a, widths)
 
 
+def _pad_rows(a, col_multiple: int):
+  """A row operand [M, C]: C up to col_multiple, M up to the TMA row multiple."""
+  return _pad_axis(_pad_axis(a, 1, col_multiple), 0, _ROW_MULTIPLE)
+
+
+def _pad_weights(w, mult: dict[str, int]):
+  """Stacked weights [G, K, N]: K and N up to their multiples."""
+  return _pad_axis(_pad_axis(w, 1, mult['K']), 2, mult['N'])
+
+
 def _zero_tail_rows(y, group_sizes):
   """Rows past sum(group_sizes) are never written by the kernel."""
   rows = jax.lax.broadcasted_iota(jnp.int32, (y.shape[0], 1), 0)
@@ -205,9 +219,8 @@ def gmm(x, w, group_sizes, kernels: str = 'stock'):
   m, k = x.shape
   n = w.shape[2]
   mult = _multiples('gmm', kernels, k, n)
-  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
-  wp = _pad_axis(_pad_axis(w, 1, mult['K']), 2, mult['N'])
-  y = _ragged_dot('gmm', kernels, xp, wp, group_sizes, k, n, transpose_rhs=False)
+  y = _ragged_dot('gmm', kernels, _pad_rows(x, mult['K']), _pad_weights(w, mult), group_sizes,
+                  k, n, transpose_rhs=False)
   return _zero_tail_rows(y[:m, :n], group_sizes)
 
 
@@ -216,9 +229,8 @@ def gmm_t(dy, w, group_sizes, kernels: str = 'stock'):
   m = dy.shape[0]
   k, n = w.shape[1:]
   mult = _multiples('gmm_t', kernels, k, n)
-  dyp = _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
-  wp = _pad_axis(_pad_axis(w, 2, mult['N']), 1, mult['K'])
-  dx = _ragged_dot('gmm_t', kernels, dyp, wp, group_sizes, k, n, transpose_rhs=True)
+  dx = _ragged_dot('gmm_t', kernels, _pad_rows(dy, mult['N']), _pad_weights(w, mult),
+                   group_sizes, k, n, transpose_rhs=True)
   return _zero_tail_rows(dx[:m, :k], group_sizes)
 
 
@@ -226,8 +238,7 @@ def tgmm(x, dy, group_sizes, kernels: str = 'stock'):
   """x [M, K], dy [M, N] -> [G, K, N], dw[g] = x_g^T dy_g; check `tgmm_reason` first."""
   k, n = x.shape[1], dy.shape[1]
   mult = _multiples('tgmm', kernels, k, n)
-  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
-  dyp = _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
+  xp, dyp = _pad_rows(x, mult['K']), _pad_rows(dy, mult['N'])
   if kernels == 'ws':
     dw = hopper_ws.tgmm(xp, dyp, group_sizes, cfg=ws_config('tgmm', k, n))
   else:
@@ -257,9 +268,8 @@ def glu(x, w0, w1, group_sizes, activation):
   m, k = x.shape
   n = w0.shape[2]
   mult = _multiples('gmm', 'ws_pair', k, n)
-  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
-  pad_w = lambda w: _pad_axis(_pad_axis(w, 1, mult['K']), 2, mult['N'])
-  outs = hopper_ws.gmm_pair(xp, pad_w(w0), pad_w(w1), group_sizes, epilogue='glu',
+  outs = hopper_ws.gmm_pair(_pad_rows(x, mult['K']), _pad_weights(w0, mult),
+                            _pad_weights(w1, mult), group_sizes, epilogue='glu',
                             activation=activation, cfg=ws_pair_config('gmm', k, n))
   return tuple(_zero_tail_rows(o[:m, :n], group_sizes) for o in outs)
 
@@ -269,9 +279,8 @@ def gmm_t_sum(dy0, w0, dy1, w1, group_sizes):
   m = dy0.shape[0]
   k, n = w0.shape[1:]
   mult = _multiples('gmm_t', 'ws_pair', k, n)
-  pad_dy = lambda dy: _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
-  pad_w = lambda w: _pad_axis(_pad_axis(w, 2, mult['N']), 1, mult['K'])
-  dx = hopper_ws.gmm_pair(pad_dy(dy0), pad_w(w0), pad_w(w1), group_sizes, lhs1=pad_dy(dy1),
+  dx = hopper_ws.gmm_pair(_pad_rows(dy0, mult['N']), _pad_weights(w0, mult),
+                          _pad_weights(w1, mult), group_sizes, lhs1=_pad_rows(dy1, mult['N']),
                           epilogue='sum', cfg=ws_pair_config('gmm_t', k, n), transpose_rhs=True)
   return _zero_tail_rows(dx[:m, :k], group_sizes)
 
@@ -280,8 +289,6 @@ def tgmm_pair(x, dy0, dy1, group_sizes):
   """x [M, K], dy0, dy1 [M, N] -> (x_g^T dy0_g, x_g^T dy1_g), each [G, K, N]."""
   k, n = x.shape[1], dy0.shape[1]
   mult = _multiples('tgmm', 'ws_pair', k, n)
-  xp = _pad_axis(_pad_axis(x, 1, mult['K']), 0, _ROW_MULTIPLE)
-  pad_dy = lambda dy: _pad_axis(_pad_axis(dy, 1, mult['N']), 0, _ROW_MULTIPLE)
-  dw0, dw1 = hopper_ws.tgmm(xp, pad_dy(dy0), group_sizes, rhs1=pad_dy(dy1),
-                            cfg=ws_pair_config('tgmm', k, n))
+  dw0, dw1 = hopper_ws.tgmm(_pad_rows(x, mult['K']), _pad_rows(dy0, mult['N']), group_sizes,
+                            rhs1=_pad_rows(dy1, mult['N']), cfg=ws_pair_config('tgmm', k, n))
   return dw0[:, :k, :n], dw1[:, :k, :n]
