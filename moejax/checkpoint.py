@@ -81,6 +81,11 @@ class Checkpointer:
   def _is_committed(self, step):
     return os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER))
 
+  def _check_committed(self, step):
+    if not self._is_committed(step):
+      raise ValueError(f'Checkpointer: no complete checkpoint for step {step} in {self.directory} '
+                       f'(complete steps: {self.all_steps()})')
+
   def all_steps(self):
     """Sorted steps with a complete checkpoint."""
     return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
@@ -131,12 +136,32 @@ class Checkpointer:
         `jax.eval_shape` plus the mesh's NamedShardings), so a checkpoint written on one mesh restores onto any
         other. Concrete arrays work too (their shardings are used).
     """
-    if not self._is_committed(step):
-      raise ValueError(f'Checkpointer.restore: no complete checkpoint for step {step} in {self.directory} '
-                       f'(complete steps: {self.all_steps()})')
+    self._check_committed(step)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(**{_ITEM: ocp.args.StandardRestore(abstract_state)}))
     return restored[_ITEM]
+
+  def restore_fields(self, step, abstract_fields):
+    """Only some top-level fields of the state saved at `step`: {name: abstract subtree} -> {name: subtree}.
+
+    Reads nothing else, so a sampler restoring {'params': ...} never holds the optimizer state (twice the
+    parameters' size with Adam) in memory. Abstract leaves as in `restore`.
+    """
+    self._check_committed(step)
+    fields = dict(abstract_fields)
+    args = ocp.args.PyTreeRestore(item=fields, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(fields))
+    # A reader of its own: the manager's handler for the item is the StandardCheckpointHandler that
+    # wrote it, which has no partial restore (orbax 0.12.8).
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+      restored = reader.restore(os.path.join(self.directory, str(step), _ITEM), args=args)
+    # A partial restore hands back the abstract leaf, silently, for anything the checkpoint lacks.
+    missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+      raise ValueError(f'Checkpointer.restore_fields: step {step} in {self.directory} has no '
+                       f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
+    return restored
 
   def restore_latest(self, abstract_state):
     """(step, state) of the newest complete checkpoint, or (None, None) when there is none."""

@@ -562,9 +562,11 @@ def restore_params(workdir: str) -> tuple[ml_collections.ConfigDict, PyTree, PyT
                           nn.unbox(boxed))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
-    _, state = ckpt.restore_latest(abstract)
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
+    # Not the optimizer state: on one device it would take twice the parameters' memory again.
+    fields = ckpt.restore_fields(step, {'params': abstract.params, 'model_state': abstract.model_state})
   finally:
     ckpt.close()
-  if state is None:
-    raise ValueError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
-  return config, state.params, state.model_state
+  return config, fields['params'], fields['model_state']

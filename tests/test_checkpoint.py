@@ -161,3 +161,20 @@ def test_reached_preemption_is_false_without_a_preemption(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path)
   assert ckpt.reached_preemption(0) is False
   ckpt.close()
+
+
+def test_restore_fields_reads_only_the_named_fields(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints', async_save=False)
+  ckpt.save(2, make_state(2))
+  target = abstract(make_state(0))
+  # On the writer that saved it, and on a reader.
+  for source in (ckpt, checkpoint.Checkpointer(tmp_path / 'checkpoints', read_only=True)):
+    restored = source.restore_fields(2, {'params': target.params})
+    assert list(restored) == ['params']
+    chex.assert_trees_all_equal(restored['params'], make_state(2).params)
+    chex.assert_trees_all_equal_dtypes(restored['params'], make_state(2).params)
+    with pytest.raises(ValueError, match='no complete checkpoint for step 3'):
+      source.restore_fields(3, {'params': target.params})
+    with pytest.raises(ValueError, match=r"has no \['optimizer'\]\['b'\], \['optimizer'\]\['w'\]$"):
+      source.restore_fields(2, {'optimizer': target.params})
+    source.close()

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from moejax import checkpoint
 from moejax import data as data_lib
 from moejax import model as model_lib
 from moejax import precision
@@ -253,6 +254,26 @@ def test_resume_is_bitwise_identical_and_evaluate_reproduces_the_eval_loss(tmp_p
   config.model.d_model = 64
   with pytest.raises(ValueError, match=r'model\.d_model: 32 -> 64'):
     train.train_and_evaluate(config, full)
+
+
+def test_restore_params_returns_the_checkpoints_params_and_router_state(tmp_path):
+  config = smoke_config(num_steps=2, log_every=2, eval_every=2, checkpoint_every=2)
+  config.model.moe.router = 'aux_free'
+  config.optim.warmup_steps = 1
+  workdir = str(tmp_path / 'aux_free')
+  train.train_and_evaluate(config, workdir)
+  restored_config, params, model_state = train.restore_params(workdir)
+  assert restored_config.model.moe.router == 'aux_free'
+  # The bias moved during training, so a fresh init would not match.
+  _, _, _, fresh = single_device_state(config)
+  assert jax.tree.leaves(model_state) and not all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model_state),
+                                           jax.tree.leaves(fresh.model_state)))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  full = ckpt.restore(2, fresh)
+  ckpt.close()
+  chex.assert_trees_all_equal(params, full.params)
+  chex.assert_trees_all_equal(model_state, full.model_state)
 
 
 def _committed_steps(workdir):
