@@ -17,6 +17,9 @@ With --products it times instead the six grouped matmuls of the expert FFN on th
 groups, for each implementation, and the gated first layer `grouped_glu` (glu fwd and fwd+bwd:
 paired kernels with 'hopper_ws', separate products otherwise); --ws_sweep adds every tile variant
 of the 'hopper_ws' kernels (WS_VARIANTS), to fill hopper.py's tile choice from measurements.
+Each product's output is checked against a float32 reference (per-group slices, exact
+precision): its relative error is in the row, and a row over MAX_REL_ERR is marked WRONG, so a
+fast but wrong tile variant cannot win the sweep.
 Useful TFLOP/s count the active expert matmuls only (6·T·k·D·F forward, 3x that forward+backward),
 so a dispatch that wastes work (capacity padding, dense) is not credited for it. Each time is the
 median of many runs after a warm-up, with the spread (10th-90th percentile) beside it; memory is
@@ -42,6 +45,8 @@ from moejax.kernels import grouped_matmul as gmm_lib
 from moejax.kernels import hopper
 from moejax.kernels import hopper_ws
 
+# Issue 5's bound for a bf16 kernel against the reference (relative Frobenius error).
+MAX_REL_ERR = 1e-2
 SHAPES = ((16384, 2048, 4096, 8, 2), (16384, 2048, 1408, 64, 6), (8192, 4096, 14336, 8, 2))
 SMOKE_SHAPES = ((64, 32, 16, 4, 2),)
 ROUTINGS = ('balanced', 'zipf')
@@ -237,24 +242,69 @@ def _ws_variant_fns(op: str, k: int, n: int, group_sizes) -> dict:
   return fns
 
 
+def sliced_gmm(x, w, group_sizes):
+  """Float32 reference grouped matmul: one exact-precision matmul per group of static size.
+
+  Independent of every implementation under test (no ragged_dot); its autodiff gives the
+  reference input and weight gradients.
+  """
+  starts = np.concatenate([[0], np.cumsum(group_sizes)])
+  x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+  rows = [jnp.matmul(x[a:b], w[g], precision=jax.lax.Precision.HIGHEST)
+          for g, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
+  return jnp.concatenate(rows + [jnp.zeros((x.shape[0] - starts[-1], w.shape[2]))])
+
+
+def rel_err(got, want) -> float:
+  """The largest relative Frobenius error ||got - want|| / ||want|| over matching leaves."""
+  def one(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+  return max(jax.tree.leaves(jax.tree.map(one, got, want)))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _reference_products(x, w, dy, sizes):
+  """Float32 (y, dx, dw) of y = x @ w[g] per group, for cotangent dy."""
+  y, vjp = jax.vjp(lambda x, w: sliced_gmm(x, w, sizes), x.astype(jnp.float32),
+                   w.astype(jnp.float32))
+  return (y, *vjp(dy.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _reference_glu(x, w0, w1, cotangent, sizes):
+  """Float32 silu(x w0) * (x w1) per group, and (loss, grads) of its sum against cotangent."""
+  def glu(x, w0, w1):
+    return jax.nn.silu(sliced_gmm(x, w0, sizes)) * sliced_gmm(x, w1, sizes)
+
+  def loss(x, w0, w1):
+    return jnp.sum(glu(x, w0, w1) * cotangent.astype(jnp.float32))
+
+  args = tuple(a.astype(jnp.float32) for a in (x, w0, w1))
+  return glu(*args), jax.value_and_grad(loss, (0, 1, 2))(*args)
+
+
 def bench_products(shape, impls, dtype, repeats, seconds, sweep, log=print) -> list[dict]:
   """Rows for the six grouped matmuls of the expert FFN at shape (T, D, F, E, k), balanced."""
   t, d, f, e, k = shape
   m = t * k
-  group_sizes = jnp.full((e,), m // e, jnp.int32).at[0].add(m % e)
+  sizes = (m // e + m % e,) + (m // e,) * (e - 1)  # static: a hashable tuple for the reference
+  group_sizes = jnp.asarray(sizes, jnp.int32)
   keys = jax.random.split(jax.random.key(5), 4)
   rows = []
 
-  def record(name, weight, kk, n, fn, args, flops):
+  def record(name, weight, kk, n, fn, args, flops, want):
     try:
-      stats, _ = time_fn(fn, args, repeats, seconds)
+      stats, got = time_fn(fn, args, repeats, seconds)
     except (jax.errors.JaxRuntimeError, ValueError) as err:  # out of memory, over smem
       log(f'{weight} {name} failed: {str(err)[:200]}')
       return
+    err = rel_err(got, want)
     row = dict(case=name, weight=weight, T=t, D=d, F=f, E=e, k=k, M=m, K=kk, N=n,
-               tflops=flops / stats['ms'] / 1e9, **stats)
+               tflops=flops / stats['ms'] / 1e9, rel_err=err, correct=err <= MAX_REL_ERR, **stats)
     log(f"{weight:>3} M={m:<6} K={kk:<6} N={n:<6} E={e:<3} {name:<24} {row['ms']:>8.3f} ms"
-        f" ({row['p10_ms']:.3f}-{row['p90_ms']:.3f}) {row['tflops']:>7.1f} TFLOP/s")
+        f" ({row['p10_ms']:.3f}-{row['p90_ms']:.3f}) {row['tflops']:>7.1f} TFLOP/s"
+        f"  err {err:.1e}{'' if row['correct'] else '  WRONG'}")
     rows.append(row)
 
   for weight, (kk, n) in (('wi', (d, f)), ('wo', (f, d))):
@@ -262,6 +312,8 @@ def bench_products(shape, impls, dtype, repeats, seconds, sweep, log=print) -> l
     w = (jax.random.normal(keys[1], (e, kk, n)) / np.sqrt(kk)).astype(dtype)
     dy = jax.random.normal(keys[2], (m, n), dtype)
     args = {'gmm': (x, w), 'gmm_t': (dy, w), 'tgmm': (x, dy)}
+    y, dx, dw = _reference_products(x, w, dy, sizes)
+    wants = {'gmm': y, 'gmm_t': dx, 'tgmm': dw}
     fns = {}
     for impl in impls:
       impl = gmm_lib.resolve_impl(impl)
@@ -275,20 +327,24 @@ def bench_products(shape, impls, dtype, repeats, seconds, sweep, log=print) -> l
       for op in args:
         fns.update(_ws_variant_fns(op, kk, n, group_sizes))
     for name, fn in fns.items():
-      record(name, weight, kk, n, fn, args[name.split('/')[0]], 2 * m * kk * n)
+      op = name.split('/')[0]
+      record(name, weight, kk, n, fn, args[op], 2 * m * kk * n, wants[op])
+    del y, dx, dw, wants  # the float32 references take more memory than the products
 
   # The gated layer act(x wi_0) * (x wi_1): two products forward, six forward+backward.
   x = jax.random.normal(keys[0], (m, d), dtype)
   w0, w1 = ((jax.random.normal(key, (e, d, f)) / np.sqrt(d)).astype(dtype) for key in keys[1:3])
   cotangent = jax.random.normal(keys[3], (m, f), dtype)
+
+  want_glu, want_grads = _reference_glu(x, w0, w1, cotangent, sizes)
   for impl in impls:
     impl = gmm_lib.resolve_impl(impl)
     glu = functools.partial(glu_lib.grouped_glu, group_sizes=group_sizes,
                             activation=jax.nn.silu, impl=impl)
     loss = lambda x, w0, w1, glu=glu: jnp.sum(glu(x, w0, w1).astype(jnp.float32) * cotangent)
-    record(f'glu/{impl}', 'wi', d, f, glu, (x, w0, w1), 4 * m * d * f)
+    record(f'glu/{impl}', 'wi', d, f, glu, (x, w0, w1), 4 * m * d * f, want_glu)
     record(f'glu_fwd+bwd/{impl}', 'wi', d, f, jax.value_and_grad(loss, (0, 1, 2)), (x, w0, w1),
-           12 * m * d * f)
+           12 * m * d * f, want_grads)
   return rows
 
 

@@ -6,6 +6,7 @@ import pathlib
 
 from absl import flags
 from absl.testing import flagsaver
+import jax.numpy as jnp
 import pytest
 
 _PATH = pathlib.Path(__file__).parents[1] / 'experiments' / 'bench_moe.py'
@@ -67,6 +68,24 @@ def test_products_smoke_times_six_products_per_impl(tmp_path):
     assert r['M'] == t * k and {r['K'], r['N']} == {d, f}
     products = {'glu': 4, 'glu_fwd+bwd': 12}.get(r['case'].split('/')[0], 2)
     assert r['tflops'] == pytest.approx(products * r['M'] * r['K'] * r['N'] / r['ms'] / 1e9)
+    # Checked against the float32 per-group reference: float32 products agree to rounding.
+    assert r['correct'] and r['rel_err'] < 1e-5
+
+
+def test_products_mark_a_wrong_product(monkeypatch):
+  bench = load_bench()
+  right = bench.gmm_lib.forward_product
+  monkeypatch.setattr(bench.gmm_lib, 'forward_product',
+                      lambda *args, **kwargs: 1.05 * right(*args, **kwargs))
+  lines = []
+  rows = bench.bench_products(bench.SMOKE_SHAPES[0], ['xla'], jnp.float32, repeats=3,
+                              seconds=0.01, sweep=False, log=lines.append)
+  by_case = {(r['weight'], r['case']): r for r in rows}
+  for weight in ('wi', 'wo'):
+    assert by_case[(weight, 'gmm/xla')]['rel_err'] == pytest.approx(0.05, rel=1e-4)
+    assert not by_case[(weight, 'gmm/xla')]['correct']
+    assert by_case[(weight, 'tgmm/xla')]['correct']
+  assert sum(line.endswith('WRONG') for line in lines) >= 2
 
 
 def test_ws_variants_fit_their_shapes():
