@@ -566,7 +566,8 @@ def restore_params(workdir: str) -> tuple[ml_collections.ConfigDict, PyTree, PyT
     if step is None:
       raise ValueError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
     # Not the optimizer state: on one device it would take twice the parameters' memory again.
-    fields = ckpt.restore_fields(step, {'params': abstract.params, 'model_state': abstract.model_state})
+    fields = ckpt.restore_fields(step, {'params': abstract.params,
+                                        'model_state': abstract.model_state})
   finally:
     ckpt.close()
   return config, fields['params'], fields['model_state']
