@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import flax
@@ -322,6 +322,38 @@ def _write_or_check_config(config: ml_collections.ConfigDict, workdir: str, is_m
 # Building an experiment (shared by training, evaluation and restore_params).
 
 
+class _Experiment(NamedTuple):
+  """What training and evaluation both build from a config, before any array exists."""
+  mesh: jax.sharding.Mesh
+  rules: Any
+  ds: Any
+  eval_batches: list[jax.Array]
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_fn: Callable
+  rng: jax.Array
+  abstract_state: TrainState
+  state_shardings: PyTree
+
+
+def _build_experiment(config: ml_collections.ConfigDict) -> _Experiment:
+  """The mesh (checked against the config), dataset, eval batches, model, optimizer and abstract
+  state of a validated `config`."""
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.validate_mesh(config, mesh)
+  rules = sharding.logical_rules(config.mesh)
+  ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
+  eval_batches = _eval_batches(ds, config, mesh, rules)
+  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
+  tx, schedule = make_optimizer(config)
+  init_fn = make_init_fn(config, model, tx)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state, state_shardings = _abstract_state(init_fn, rng, mesh, rules)
+  return _Experiment(mesh, rules, ds, eval_batches, model, tx, schedule, init_fn, rng,
+                     abstract_state, state_shardings)
+
+
 def _abstract_state(init_fn, rng, mesh, rules):
   """(abstract TrainState with target shardings, sharding tree) without materialising anything."""
   with sharding.mesh_context(mesh, rules):
@@ -387,21 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_steps = train_cfg.num_steps
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
-  # --- Mesh ------------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.validate_mesh(config, mesh)
-  rules = sharding.logical_rules(config.mesh)
-
-  # --- Data ------------------------------------------------------------------------------------
-  ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
-  eval_batches = _eval_batches(ds, config, mesh, rules)
-
-  # --- Model and optimizer ---------------------------------------------------------------------
-  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
-  tx, schedule = make_optimizer(config)
-  init_fn = make_init_fn(config, model, tx)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_state, state_shardings = _abstract_state(init_fn, rng, mesh, rules)
+  # --- Mesh, data, model and optimizer ----------------------------------------------------------
+  (mesh, rules, ds, eval_batches, model, tx, schedule, init_fn, rng, abstract_state,
+   state_shardings) = _build_experiment(config)
   flops_per_step = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   peak_flops = train_cfg.peak_flops or metrics_lib.peak_flops_per_device()
 
@@ -525,26 +545,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   the eval line training logged at that step.
   """
   validate_config(config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.validate_mesh(config, mesh)
-  rules = sharding.logical_rules(config.mesh)
-  ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
-  eval_batches = _eval_batches(ds, config, mesh, rules)
-  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
-  tx, _ = make_optimizer(config)
-  abstract_state, state_shardings = _abstract_state(
-      make_init_fn(config, model, tx), jax.random.PRNGKey(config.seed), mesh, rules)
+  exp = _build_experiment(config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
-    step, state = ckpt.restore_latest(abstract_state)
+    step, state = ckpt.restore_latest(exp.abstract_state)
   finally:
     ckpt.close()
   if state is None:
     raise ValueError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
-  with sharding.mesh_context(mesh, rules):
-    eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(state_shardings, eval_batches[0].sharding))
-    return {'step': step, **run_eval(eval_step, state, eval_batches, ds.bytes_per_token)}
+  with sharding.mesh_context(exp.mesh, exp.rules):
+    eval_step = jax.jit(make_eval_step(exp.model),
+                        in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
+    return {'step': step,
+            **run_eval(eval_step, state, exp.eval_batches, exp.ds.bytes_per_token)}
 
 
 def restore_params(workdir: str) -> tuple[ml_collections.ConfigDict, PyTree, PyTree]:
