@@ -40,12 +40,9 @@ def expert_ffn(wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, x: jax.Array,
   if group_sizes is not None:
     h = grouped_glu(x, wi_0, wi_1, group_sizes, act, impl=gmm_impl)
     return grouped_matmul(h, wo, group_sizes, impl=gmm_impl)
-  if x.ndim == 3:
-    h = act(jnp.einsum('ecd,edf->ecf', x, wi_0)) * jnp.einsum('ecd,edf->ecf', x, wi_1)
-    return jnp.einsum('ecf,efd->ecd', h, wo)
-  if x.ndim == 4:
-    h = act(jnp.einsum('gecd,edf->gecf', x, wi_0)) * jnp.einsum('gecd,edf->gecf', x, wi_1)
-    return jnp.einsum('gecf,efd->gecd', h, wo)
+  if x.ndim in (3, 4):
+    h = act(jnp.einsum('...ecd,edf->...ecf', x, wi_0)) * jnp.einsum('...ecd,edf->...ecf', x, wi_1)
+    return jnp.einsum('...ecf,efd->...ecd', h, wo)
   raise ValueError(f'expert inputs must be [E, C, D] or [G, E, C, D]; got shape {x.shape}')
 
 
