@@ -2,23 +2,24 @@
 
 Shapes: B batch (global), S seq, V vocab, E experts, L_moe MoE layers.
 
-The train step is a pure, jitted function `(state, batch [B, S+1] int32) -> (state, metrics)` with
-the state donated. It minimises cross-entropy (float32, mean over the B·S tokens) plus the model's
+The train step is a pure, jitted function `(state, batch [..., B, S+1] int32) -> (state, metrics)`
+with the state donated. It minimises an objective `(model output, batch) -> (loss, metrics)`
+(moejax.objective), by default cross-entropy (float32, mean over the B·S tokens) plus the model's
 weighted aux losses. A step whose loss or grads are not finite leaves params, optimizer state and
 router state unchanged (the step counter still advances) and counts itself in `nonfinite_count`;
 `train.max_nonfinite_steps` such steps in a row stop the run. Under fp16 the loss is scaled by the
 state's `DynamicLossScale` (see moejax.precision).
 
-The loop (`train_and_evaluate`) resumes from the latest checkpoint in `workdir/checkpoints`; the
-data are a pure function of (seed, step), so a resumed run sees the same batches as an
-uninterrupted one and, on the same devices, reproduces it bit for bit.
+The loop (`train_and_evaluate`) steps and runs the periodic actions built before it (progress
+line, eval, checkpoint; moejax.periodic). It resumes from the latest checkpoint in
+`workdir/checkpoints`; the data are a pure function of (seed, step), so a resumed run sees the
+same batches as an uninterrupted one and, on the same devices, reproduces it bit for bit.
 """
 import json
 import math
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
@@ -34,6 +35,8 @@ from moejax import checkpoint as checkpoint_lib
 from moejax import data as data_lib
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
+from moejax import objective as objective_lib
+from moejax import periodic
 from moejax import precision
 from moejax import sharding
 
@@ -141,14 +144,26 @@ def scale_by_adam(b1: float, b2: float, eps: float, mu_dtype, nu_dtype
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+# Parameter names AdamW does not decay: the token embedding, a lookup table whose rare rows get
+# few gradient updates and would mostly shrink, and norm scales and biases, which set a scale
+# rather than a feature.
+NO_DECAY_NAMES = ('embedding', 'scale', 'bias')
+
+
 def weight_decay_mask(params: PyTree) -> PyTree:
-  """True for the leaves AdamW decays: matrices and expert stacks (ndim >= 2) except the token
-  embedding, a lookup table whose rare rows get few gradient updates and would mostly shrink;
-  norm scales and biases (ndim 1) are not decayed either. Works on boxed and plain params."""
+  """True for the leaves AdamW decays: every parameter whose name (its last path key) is not in
+  NO_DECAY_NAMES. Decided by the path, not the rank, so that a leading axis (ensemble members:
+  a norm scale [M, D]) changes nothing. Works on boxed and plain params."""
   def decay(path, leaf):
-    return nn.unbox(leaf).ndim >= 2 and 'embedding' not in jax.tree_util.keystr(path)
+    del leaf
+    return _leaf_name(path) not in NO_DECAY_NAMES
   return jax.tree_util.tree_map_with_path(
       decay, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, 'key', getattr(last, 'name', last)))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -204,38 +219,34 @@ def _variables(params, model_state):
   return {'params': params, 'router_state': model_state} if model_state else {'params': params}
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy in float32. logits [B, S, V], targets [B, S] -> ()."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets).mean()
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    objective: objective_lib.Objective = objective_lib.lm_objective
                     ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-  """The pure train step `(state, batch [B, S+1] int32) -> (state, metrics)`; jit it yourself.
+  """The pure train step `(state, batch [..., B, S+1] int32) -> (state, metrics)`; jit it yourself.
 
-  metrics: `loss` (cross-entropy), the model's aux values (`aux_loss`, `load_balance_loss`,
-  `router_z_loss`, `dropped_fraction`, `router_entropy`, `expert_fraction` [L_moe, E]),
+  The model sees `batch[..., :-1]`; `objective(output, batch) -> (loss, metrics)` (see
+  moejax.objective) turns its output into the loss to minimise. metrics: the objective's (by
+  default `loss`, the cross-entropy, and the model's aux values `aux_loss`, `load_balance_loss`,
+  `router_z_loss`, `dropped_fraction`, `router_entropy`, `expert_fraction` [L_moe, E]), then
   `learning_rate`, `grad_norm`, `loss_scale`, `skipped` (1 when this step's update was skipped)
   and `nonfinite_count`.
   """
   def train_step(state: TrainState, batch: jax.Array):
-    inputs, targets = batch[:, :-1], batch[:, 1:]
     # Folding in the step keeps the rng out of the updated state and makes step t's noise the same
     # whether or not the run was resumed.
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      (logits, aux), new_vars = model.apply(
-          _variables(params, state.model_state), inputs, train=True, rngs={'router': step_rng},
-          mutable=['router_state'])
-      ce = cross_entropy(logits, targets)
-      loss = ce + aux['aux_loss']
-      return state.loss_scale.scale_loss(loss), (ce, aux, dict(new_vars.get('router_state', {})))
+      output, new_vars = model.apply(
+          _variables(params, state.model_state), batch[..., :-1], train=True,
+          rngs={'router': step_rng}, mutable=['router_state'])
+      loss, metrics = objective(output, batch)
+      return state.loss_scale.scale_loss(loss), (loss, metrics,
+                                                 dict(new_vars.get('router_state', {})))
 
-    grads, (ce, aux, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (loss, objective_metrics, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = state.loss_scale.unscale(grads)
-    finite = precision.all_finite(grads) & jnp.isfinite(ce + aux['aux_loss'])
+    finite = precision.all_finite(grads) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
@@ -249,7 +260,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     # advance on skipped steps, unlike state.step.
     learning_rate = schedule(state.opt_state[-1].count)
     metrics = dict(
-        loss=ce, **aux, learning_rate=learning_rate, grad_norm=optax.tree.norm(grads),
+        **objective_metrics, learning_rate=learning_rate, grad_norm=optax.tree.norm(grads),
         loss_scale=state.loss_scale.scale, skipped=(~finite).astype(jnp.int32),
         nonfinite_count=new_state.nonfinite_count)
     return new_state, metrics
@@ -257,19 +268,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """`(state, batch [B, S+1]) -> mean cross-entropy ()` of the model without training noise."""
+def make_eval_step(model: nn.Module,
+                   objective: objective_lib.Objective = objective_lib.lm_objective
+                   ) -> Callable[[TrainState, jax.Array], dict]:
+  """`(state, batch [..., B, S+1]) -> the objective's metrics` of the model without training
+  noise; `metrics['loss']` is the batch's eval loss."""
   def eval_step(state: TrainState, batch: jax.Array):
-    logits, _ = model.apply(_variables(state.params, state.model_state), batch[:, :-1],
-                            train=False)
-    return cross_entropy(logits, batch[:, 1:])
+    output = model.apply(_variables(state.params, state.model_state), batch[..., :-1],
+                         train=False)
+    return objective(output, batch)[1]
   return eval_step
 
 
 def run_eval(eval_step, state: TrainState, batches: list[jax.Array], bytes_per_token: float
              ) -> dict[str, float]:
-  """eval_loss (mean over equal-sized batches), bits per byte and perplexity."""
-  losses = jax.device_get([eval_step(state, batch) for batch in batches])
+  """eval_loss (the mean of `metrics['loss']` over equal-sized batches), bits per byte and
+  perplexity."""
+  losses = jax.device_get([eval_step(state, batch)['loss'] for batch in batches])
   eval_loss = float(np.mean(np.asarray(losses, np.float64)))
   return dict(eval_loss=eval_loss,
               eval_bits_per_byte=eval_loss / math.log(2) / bytes_per_token,
@@ -382,15 +397,35 @@ def _host(metrics: dict) -> dict:
   return out
 
 
-def _count_skipped(step: int, metrics: dict, max_nonfinite_steps: int) -> int:
-  """1 if `step` skipped its update, else 0; raises once too many steps in a row were skipped."""
-  count = int(metrics['nonfinite_count'])
-  if count >= max_nonfinite_steps:
-    raise FloatingPointError(
-        f'{count} non-finite steps in a row, the last at step {step} '
-        f'(train.max_nonfinite_steps={max_nonfinite_steps}); lower optim.learning_rate or check '
-        'the data; the latest checkpoint holds the last finite parameters')
-  return int(metrics['skipped'])
+class _SkipCounter:
+  """Counts the steps that skipped their update (non-finite loss or grads).
+
+  Each step's flags are read one step late, so the host never waits idle on the device; raises
+  FloatingPointError once `max_nonfinite_steps` steps in a row were skipped.
+  """
+
+  def __init__(self, max_nonfinite_steps: int):
+    self._max = max_nonfinite_steps
+    self._pending = None  # (step, device metrics) not yet read
+    self._total = 0
+
+  def observe(self, step: int, metrics: dict) -> None:
+    self.total()
+    self._pending = (step, metrics)
+
+  def total(self) -> int:
+    """Skipped steps so far, including the last observed one."""
+    if self._pending is not None:
+      step, metrics = self._pending
+      self._pending = None
+      count = int(metrics['nonfinite_count'])
+      if count >= self._max:
+        raise FloatingPointError(
+            f'{count} non-finite steps in a row, the last at step {step} '
+            f'(train.max_nonfinite_steps={self._max}); lower optim.learning_rate or check the '
+            'data; the latest checkpoint holds the last finite parameters')
+      self._total += int(metrics['skipped'])
+    return self._total
 
 
 def _throughput(seconds_per_step: float, tokens_per_step: int, flops_per_step: float,
@@ -401,6 +436,70 @@ def _throughput(seconds_per_step: float, tokens_per_step: int, flops_per_step: f
   if peak_flops:
     out['mfu'] = flops_per_step / seconds_per_step / (peak_flops * jax.device_count())
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's periodic actions. Each records what it produced in `results` ('train', 'eval' and
+# 'eval_step'), which later actions and the loop's return value read.
+
+
+def _progress_action(config, writer, timer: periodic.StepTimer, skips: _SkipCounter,
+                     results: dict, is_main: bool) -> periodic.PeriodicAction:
+  """Writes the train metrics line (with throughput and skipped_steps) and prints progress."""
+  num_steps = config.train.num_steps
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_step = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+  peak_flops = config.train.peak_flops or metrics_lib.peak_flops_per_device()
+
+  def log(step, state, metrics):
+    del state
+    line = _host(metrics)
+    del line['nonfinite_count']
+    line['skipped_steps'] = float(skips.total())
+    seconds_per_step = timer.seconds_per_step(step)
+    if seconds_per_step is not None:
+      line.update(_throughput(seconds_per_step, tokens_per_step, flops_per_step, peak_flops))
+    writer.write(step, line)
+    writer.flush()  # so a killed run keeps its lines up to the last checkpoint
+    results['train'] = line
+    if is_main:
+      eta = None if seconds_per_step is None else (num_steps - step) * seconds_per_step
+      extra = {'mfu': line['mfu']} if 'mfu' in line else {}
+      print(metrics_lib.format_progress(step, num_steps, line['loss'],
+                                        line.get('tokens_per_s', 0.0), eta, extra), flush=True)
+  return periodic.PeriodicAction('progress', config.train.log_every, log)
+
+
+def _eval_action(config, eval_fn: Callable[[TrainState], dict], writer, results: dict,
+                 is_main: bool) -> periodic.PeriodicAction:
+  """Evaluates the current parameters and writes the eval line."""
+  def evaluate_now(step, state, metrics):
+    del metrics
+    results['eval'], results['eval_step'] = eval_fn(state), step
+    writer.write(step, results['eval'])
+    writer.flush()
+    if is_main:
+      print(f'eval step {step}: loss {results["eval"]["eval_loss"]:.4f} bits/byte '
+            f'{results["eval"]["eval_bits_per_byte"]:.3f}', flush=True)
+  return periodic.PeriodicAction('eval', config.train.eval_every, evaluate_now)
+
+
+def _checkpoint_action(config, ckpt: checkpoint_lib.Checkpointer, results: dict
+                       ) -> periodic.PeriodicAction:
+  """Saves the state (with this step's eval loss, when it was evaluated, to rank the best)."""
+  def save(step, state, metrics):
+    del metrics
+    evaluated = results['eval_step'] == step
+    ckpt.save(step, state, metrics={'eval_loss': results['eval']['eval_loss']}
+              if evaluated else None, force=True)
+  return periodic.PeriodicAction('checkpoint', config.train.checkpoint_every, save, on_stop=True)
+
+
+def _plot(workdir: str) -> None:
+  try:
+    metrics_lib.plot_metrics(workdir)
+  except ImportError:  # matplotlib is optional at run time: the GPU machines lack it
+    logging.warning('matplotlib is not installed: no %s', metrics_lib.PLOT_FILE)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -415,19 +514,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   _write_or_check_config(config, workdir, is_main)
-  train_cfg = config.train
-  num_steps = train_cfg.num_steps
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-
-  # --- Mesh, data, model and optimizer ----------------------------------------------------------
-  (mesh, rules, ds, eval_batches, model, tx, schedule, init_fn, rng, abstract_state,
-   state_shardings) = _build_experiment(config)
-  flops_per_step = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
-  peak_flops = train_cfg.peak_flops or metrics_lib.peak_flops_per_device()
+  num_steps = config.train.num_steps
+  exp = _build_experiment(config)
+  mesh, rules = exp.mesh, exp.rules
 
   # --- Restore or initialise -------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     keep=train_cfg.keep_checkpoints)
+                                     keep=config.train.keep_checkpoints)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   # Preemption: a single process catches SIGTERM itself (from the main thread, the only one
   # allowed to; the previous handler comes back when the run ends). Several processes rely on
@@ -436,102 +529,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    and jax.process_count() == 1)
   previous_handler = signal.getsignal(signal.SIGTERM) if catch_sigterm else None
   try:
-    step, state = ckpt.restore_latest(abstract_state)
+    step, state = ckpt.restore_latest(exp.abstract_state)
     with sharding.mesh_context(mesh, rules):
       if state is None:
         step = 0
-        state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(rng)
+        state = jax.jit(lambda r: nn.unbox(exp.init_fn(r)),
+                        out_shardings=exp.state_shardings)(exp.rng)
       else:
         logging.info('Resumed from the checkpoint at step %d', step)
       # A killed run may have logged steps past its last checkpoint; they are redone.
       writer.truncate_after(step)
 
-      # --- Step functions ------------------------------------------------------------------------
+      # --- Step functions and periodic actions --------------------------------------------------
       train_batch_sharding = sharding.batch_sharding(
           mesh, rules, (config.data.batch_size, config.data.seq_len + 1))
-      train_step = jax.jit(make_train_step(model, tx, schedule),
-                           in_shardings=(state_shardings, train_batch_sharding),
-                           out_shardings=(state_shardings, None), donate_argnums=0)
-      eval_step = jax.jit(make_eval_step(model),
-                          in_shardings=(state_shardings, eval_batches[0].sharding))
-
-      # --- Loop ----------------------------------------------------------------------------------
+      train_step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule),
+                           in_shardings=(exp.state_shardings, train_batch_sharding),
+                           out_shardings=(exp.state_shardings, None), donate_argnums=0)
+      eval_step = jax.jit(make_eval_step(exp.model),
+                          in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
+      eval_fn = lambda s: run_eval(eval_step, s, exp.eval_batches, exp.ds.bytes_per_token)
+      timer, skips = periodic.StepTimer(), _SkipCounter(config.train.max_nonfinite_steps)
+      results = {'train': {}, 'eval': {}, 'eval_step': None}
+      actions = (_progress_action(config, writer, timer, skips, results, is_main),
+                 _eval_action(config, eval_fn, writer, results, is_main),
+                 _checkpoint_action(config, ckpt, results))
       sigterm_received = (checkpoint_lib.install_sigterm_flag() if catch_sigterm
                           else lambda: False)
-      max_nonfinite = train_cfg.max_nonfinite_steps
-      skipped_total = 0
-      train_metrics, eval_metrics = {}, {}
-      pending = None  # (step, device metrics): read one step late so the host never waits idle.
-      start_step = step
-      timer, timer_step = time.perf_counter(), step
+
+      # --- Loop ----------------------------------------------------------------------------------
       while step < num_steps:
-        local = ds.train_batch(step, jax.process_index(), jax.process_count())
+        local = exp.ds.train_batch(step, jax.process_index(), jax.process_count())
         state, metrics = train_step(state, sharding.global_batch(local, mesh, rules))
         step += 1
-        if pending is not None:
-          skipped_total += _count_skipped(*pending, max_nonfinite)
-        pending = (step, metrics)
-        if step == start_step + 1:
-          # Start timing after the first step of this run so that compilation is not counted.
-          jax.block_until_ready(metrics)
-          timer, timer_step = time.perf_counter(), step
-
-        if step % train_cfg.log_every == 0 or step == num_steps:
-          skipped_total += _count_skipped(*pending, max_nonfinite)
-          pending = None
-          train_metrics = _host(metrics)
-          del train_metrics['nonfinite_count']
-          train_metrics['skipped_steps'] = float(skipped_total)
-          steps_timed = step - timer_step
-          if steps_timed:
-            train_metrics.update(_throughput((time.perf_counter() - timer) / steps_timed,
-                                             tokens_per_step, flops_per_step, peak_flops))
-          writer.write(step, train_metrics)
-          writer.flush()  # so a killed run keeps its lines up to the last checkpoint
-          if is_main:
-            eta = (num_steps - step) * train_metrics['step_time'] if steps_timed else None
-            extra = {'mfu': train_metrics['mfu']} if 'mfu' in train_metrics else {}
-            print(metrics_lib.format_progress(
-                step, num_steps, train_metrics['loss'], train_metrics.get('tokens_per_s', 0.0),
-                eta, extra), flush=True)
-          timer, timer_step = time.perf_counter(), step
-
-        evaluated = step % train_cfg.eval_every == 0 or step == num_steps
-        if evaluated:
-          eval_metrics = run_eval(eval_step, state, eval_batches, ds.bytes_per_token)
-          writer.write(step, eval_metrics)
-          writer.flush()
-          if is_main:
-            print(f'eval step {step}: loss {eval_metrics["eval_loss"]:.4f} bits/byte '
-                  f'{eval_metrics["eval_bits_per_byte"]:.3f}', flush=True)
+        skips.observe(step, metrics)
         stop = sigterm_received() or ckpt.reached_preemption(step)
-        save = step % train_cfg.checkpoint_every == 0 or step == num_steps or stop
-        if save:
-          ckpt.save(step, state, metrics={'eval_loss': eval_metrics['eval_loss']}
-                    if evaluated else None, force=True)
-        if evaluated or save:  # keep eval and checkpoint time out of the next step_time
-          timer, timer_step = time.perf_counter(), step
+        ran = periodic.run_due(actions, step, num_steps, stop, state, metrics)
+        # Compilation (the first step) and the actions' own time stay out of step_time.
+        if ran or not timer.started:
+          timer.restart(step, metrics)
         if stop:
           logging.info('Preempted: saved a checkpoint at step %d', step)
           break
-      if pending is not None:
-        skipped_total += _count_skipped(*pending, max_nonfinite)
+      skips.total()
 
       # --- Final eval (when this call trained nothing) and wait for the last save ----------------
-      if not eval_metrics:  # already at num_steps: report the restored parameters anyway
-        eval_metrics = run_eval(eval_step, state, eval_batches, ds.bytes_per_token)
+      if not results['eval']:  # already at num_steps: report the restored parameters anyway
+        results['eval'] = eval_fn(state)
     ckpt.wait()
     writer.flush()
     if is_main:
-      try:
-        metrics_lib.plot_metrics(workdir)
-      except ImportError:  # matplotlib is optional at run time: the GPU machines lack it
-        logging.warning('matplotlib is not installed: no %s', metrics_lib.PLOT_FILE)
+      _plot(workdir)
   finally:
     _restore_sigterm_handler(previous_handler)
     writer.close()
     ckpt.close()
-  return {**train_metrics, **eval_metrics, 'step': step}
+  return {**results['train'], **results['eval'], 'step': step}
 
 
 # ---------------------------------------------------------------------------------------------

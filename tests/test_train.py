@@ -23,6 +23,7 @@ import pytest
 from moejax import checkpoint
 from moejax import data as data_lib
 from moejax import model as model_lib
+from moejax import objective as objective_lib
 from moejax import precision
 from moejax import train
 
@@ -119,6 +120,16 @@ class OptimizerTest(parameterized.TestCase):
     self.assertTrue(mask['logits'])
     self.assertTrue(mask['layer_0']['attn']['query'])
     self.assertTrue(mask['layer_1']['ffn']['experts']['wi_0'])
+    self.assertTrue(mask['layer_1']['ffn']['router']['kernel'])
+
+  def test_weight_decay_mask_ignores_a_leading_member_axis(self):
+    config = smoke_config()
+    model = model_lib.build_model(config.model, precision.get_policy('fp32'))
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)['params'])
+    members = jax.tree.map(lambda p: jax.ShapeDtypeStruct((3, *p.shape), p.dtype), params)
+    self.assertEqual(members['final_norm']['scale'].shape, (3, config.model.d_model))
+    self.assertEqual(train.weight_decay_mask(members), train.weight_decay_mask(params))
 
   def test_learning_rate_schedule(self):
     config = smoke_config(num_steps=20)
@@ -180,6 +191,28 @@ class TrainStepTest(parameterized.TestCase):
     self.assertEqual(int(metrics['skipped']), 0)
     self.assertEqual(int(state.nonfinite_count), 0)
     self.assertFalse(np.array_equal(state.params['logits'], good.params['logits']))
+
+
+  def test_objective_is_pluggable_and_eval_reports_its_loss(self):
+    config = smoke_config()
+    model, tx, schedule, state = single_device_state(config)
+    batch = smoke_batch(config, 0)
+
+    def doubled(output, batch):
+      loss, metrics = objective_lib.lm_objective(output, batch)
+      return 2.0 * loss, dict(metrics, doubled_loss=2.0 * loss)
+
+    _, default = jax.jit(train.make_train_step(model, tx, schedule))(state, batch)
+    _, custom = jax.jit(train.make_train_step(model, tx, schedule, objective=doubled))(state, batch)
+    self.assertAlmostEqual(float(custom['grad_norm']), 2 * float(default['grad_norm']), places=4)
+    self.assertAlmostEqual(float(custom['doubled_loss']),
+                           2 * float(default['loss'] + default['aux_loss']), places=5)
+    self.assertEqual(float(custom['loss']), float(default['loss']))
+
+    eval_metrics = jax.jit(train.make_eval_step(model, objective=doubled))(state, batch)
+    logits, _ = model.apply({'params': state.params}, batch[:, :-1])
+    self.assertAlmostEqual(float(eval_metrics['loss']),
+                           float(objective_lib.cross_entropy(logits, batch[:, 1:])), places=5)
 
 
 class _PoisonedDataset:
