@@ -20,6 +20,7 @@ from moejax import moe as moe_lib
 AUX_MEAN_KEYS = ('load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy')
 FFN_KINDS = ('dense', 'moe')
 ATTENTION_IMPLS = ('xla', 'cudnn')
+ROUTER_DTYPES = ('float32', 'bfloat16')  # bfloat16: the ablation of the float32 router
 _FFN_MATMULS = 3  # both activations are gated (SwiGLU, GeGLU): wi_0, wi_1, wo
 
 
@@ -61,6 +62,9 @@ def validate_config(model_config):
   if model_config.attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f'model.attention_impl={model_config.attention_impl!r}; expected one of '
                      f'{ATTENTION_IMPLS}')
+  if model_config.moe.router_dtype not in ROUTER_DTYPES:
+    raise ValueError(f'model.moe.router_dtype={model_config.moe.router_dtype!r}; expected one of '
+                     f'{ROUTER_DTYPES}')
   if model_config.moe.activation not in experts_lib.ACTIVATIONS:
     raise ValueError(f'model.moe.activation={model_config.moe.activation!r}; expected one of '
                      f'{tuple(experts_lib.ACTIVATIONS)}')
@@ -199,7 +203,7 @@ class Block(nn.Module):
           num_shared_experts=m.num_shared_experts, router=m.router,
           normalize_top_k=m.normalize_top_k, jitter_noise=m.jitter_noise,
           activation=m.activation, gmm_impl=m.gmm_impl,
-          aux_free_bias_rate=m.aux_free_bias_rate,
+          aux_free_bias_rate=m.aux_free_bias_rate, router_dtype=jnp.dtype(m.router_dtype),
           # Expert parallel exactly when traced under a mesh that splits the 'expert' axis.
           expert_axis=expert_parallel.context_expert_axis(), name='ffn', **dtypes)
       y, aux = ffn(h, train=train)

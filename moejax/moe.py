@@ -62,8 +62,9 @@ class MoE(nn.Module):
     aux_free_bias_rate: bias step of the 'aux_free' router.
     expert_axis: mesh axis the experts are split over (expert parallelism, see
       moejax/expert_parallel.py; needs `sharding.mesh_context`); None = all experts on every device.
-    dtype: compute dtype of the experts; param_dtype: dtype of all params. The router runs in
-      float32 whatever these are.
+    router_dtype: compute dtype of the router's matmul and softmax; float32 (the default, ST-MoE's
+      selective precision) whatever `dtype` is; bfloat16 only for the ablation that shows why.
+    dtype: compute dtype of the experts; param_dtype: dtype of all params.
   """
   num_experts: int
   top_k: int
@@ -79,6 +80,7 @@ class MoE(nn.Module):
   gmm_impl: str = 'auto'
   aux_free_bias_rate: float = 1e-3
   expert_axis: str | None = None
+  router_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -139,7 +141,7 @@ class MoE(nn.Module):
         self.router, num_experts=self.num_experts, top_k=self.top_k,
         normalize_top_k=self.normalize_top_k, jitter_noise=self.jitter_noise,
         capacity_factor=self.capacity_factor, bias_rate=self.aux_free_bias_rate,
-        param_dtype=self.param_dtype)(tokens, train=train)
+        param_dtype=self.param_dtype, dtype=self.router_dtype)(tokens, train=train)
     experts = experts_lib.Experts(self.num_experts, self.d_ff, self.activation, self.gmm_impl,
                                   self.dtype, self.param_dtype, name='experts')
     dispatch_args = dict(num_experts=self.num_experts, top_k=self.top_k,

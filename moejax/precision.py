@@ -7,6 +7,12 @@ policy, except the router, its softmax/top-k and the aux losses, which always ru
 
 fp16 needs loss scaling (Micikevicius et al. 2018): multiply the loss by S before the backward pass,
 divide the grads by S, skip the step and halve S on overflow, double S after `period` finite steps.
+
+bf16 parameters need stochastic rounding (Zamirai et al. 2020, "Revisiting BFloat16 Training":
+stochastic rounding or Kahan summation recover fp32 accuracy that nearest rounding loses): adding
+an update smaller than half a bf16 ulp (2^-9 relative) to a parameter and rounding to nearest gives
+back the old value, so late, small updates vanish. `apply_updates` adds in float32 and rounds
+stochastically, which keeps every update's expected value.
 """
 import dataclasses
 from typing import Any
@@ -14,6 +20,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 
@@ -87,6 +94,60 @@ def optimizer_state_dtypes(policy_name: str, mu_dtype: str = '',
   if nu_dtype:
     nu = _dtype_from_name('nu_dtype', nu_dtype)
   return mu, nu
+
+
+def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
+  """Rounds float32 `x` to `dtype` (bfloat16 or float16) up or down at random, unbiasedly.
+
+  Each element becomes one of its two neighbours in `dtype`, the upper one with probability
+  (x - lower) / (upper - lower), so E[result] = x. bf16 keeps float32's exponent: adding 16
+  uniform random bits below the kept mantissa of the float32 bit pattern and truncating them does
+  exactly that (a carry into the kept bits happens with that probability). fp16 has its own
+  exponent range, so its two neighbours are found with `nextafter`; past the largest finite fp16
+  it saturates there. NaN and inf stay what they are. x: any shape; key: a PRNG key.
+  """
+  dtype = jnp.dtype(dtype)
+  x = jnp.asarray(x, jnp.float32)
+  if dtype == jnp.bfloat16:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    # inf and NaN: the addition could turn inf into NaN's pattern or NaN's into inf's; keep them.
+    out = jnp.where(jnp.isfinite(x), jax.lax.bitcast_convert_type(rounded, jnp.float32), x)
+    return out.astype(jnp.bfloat16)
+  if dtype == jnp.float16:
+    nearest = x.astype(jnp.float16)
+    away = jnp.abs(nearest.astype(jnp.float32)) > jnp.abs(x)
+    lower = jnp.where(away, jnp.nextafter(nearest, jnp.zeros_like(nearest)), nearest)  # toward 0
+    upper = jnp.nextafter(lower, jnp.where(x < 0, -jnp.inf, jnp.inf).astype(jnp.float16))
+    lower32, upper32 = lower.astype(jnp.float32), upper.astype(jnp.float32)
+    p_upper = (x - lower32) / (upper32 - lower32)  # NaN for exact values and inf: never rounds up
+    go_up = jax.random.uniform(key, x.shape, jnp.float32) < p_upper
+    return jnp.where(go_up & jnp.isfinite(upper32), upper, lower)
+  raise ValueError(f'stochastic_round: dtype={dtype.name}; allowed values: bfloat16, float16')
+
+
+def apply_updates(params: PyTree, updates: PyTree, key: jax.Array | None = None) -> PyTree:
+  """params + updates, each leaf back in its own dtype.
+
+  With `key` None this is `optax.apply_updates` (nearest rounding). With a key, bf16 and fp16
+  leaves are summed in float32 and stochastically rounded (`stochastic_round`, one key per leaf
+  split from `key`); float32 leaves are unaffected. The train step keys it by (state.rng, step), so
+  a resumed run draws the same rounding as an uninterrupted one.
+  """
+  if key is None:
+    return optax.apply_updates(params, updates)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+
+  def add(p, u, k):
+    total = p.astype(jnp.float32) + u.astype(jnp.float32)
+    if p.dtype in (jnp.bfloat16, jnp.float16):
+      return stochastic_round(total, p.dtype, k)
+    return total.astype(p.dtype)
+
+  new = [add(p, u, k) for p, u, k in zip(leaves, treedef.flatten_up_to(updates), keys)]
+  return jax.tree.unflatten(treedef, new)
 
 
 def all_finite(tree: PyTree) -> jax.Array:

@@ -5,7 +5,9 @@ choice), C tokens per expert (expert choice).
 
 Every router is a Linen module `router(x [T, D], train) -> Routing` whose kernel [D, E] is the
 param 'kernel'. Routing runs in float32 whatever the policy (ST-MoE selective precision): x is cast
-to float32 before the matmul, and the softmax, top-k and losses stay in float32.
+to float32 before the matmul, and the softmax, top-k and losses stay in float32. A router's `dtype`
+(`model.moe.router_dtype`) moves its matmul and softmax to bf16 instead, only to measure what that
+costs; the losses and metrics stay in float32.
 
 A `Routing` describes K slots per token: `expert_index[t, j]` is the expert of slot j of token t,
 or -1 when the slot is empty (expert choice leaves most slots empty), and `combine_weight[t, j]`
@@ -80,8 +82,9 @@ def routing_metrics(logits: jax.Array, probs: jax.Array, expert_index: jax.Array
 
 
 def _router_logits(module: nn.Module, x: jax.Array, num_experts: int, jitter_noise: float,
-                   train: bool, param_dtype: Any, kernel_init: Initializer) -> jax.Array:
-  """Float32 logits [T, E] of x [T, D] against the module's 'kernel' [D, E].
+                   train: bool, param_dtype: Any, kernel_init: Initializer,
+                   dtype: Any = jnp.float32) -> jax.Array:
+  """Logits [T, E] in `dtype` (float32 by default) of x [T, D] against the module's 'kernel' [D, E].
 
   Jitter (Switch Transformer): in training, multiply the router input by U(1-eps, 1+eps) noise
   drawn from the 'router' rng stream, so routing does not lock onto tiny logit differences.
@@ -92,7 +95,7 @@ def _router_logits(module: nn.Module, x: jax.Array, num_experts: int, jitter_noi
   if train and jitter_noise > 0.0:
     x = x * jax.random.uniform(module.make_rng('router'), x.shape, jnp.float32,
                                1.0 - jitter_noise, 1.0 + jitter_noise)
-  return jnp.einsum('td,de->te', x, kernel.astype(jnp.float32))
+  return jnp.einsum('td,de->te', x.astype(dtype), kernel.astype(dtype))
 
 
 def _top_k_routing(logits: jax.Array, probs: jax.Array, selection_scores: jax.Array, top_k: int,
@@ -103,7 +106,7 @@ def _top_k_routing(logits: jax.Array, probs: jax.Array, selection_scores: jax.Ar
   if normalize_top_k:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
   expert_index = expert_index.astype(jnp.int32)
-  return Routing(expert_index=expert_index, combine_weight=gate,
+  return Routing(expert_index=expert_index, combine_weight=gate.astype(jnp.float32),
                  metrics=routing_metrics(logits, probs, expert_index))
 
 
@@ -122,13 +125,14 @@ class TopKRouter(nn.Module):
   normalize_top_k: bool = True
   jitter_noise: float = 0.0
   param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
   kernel_init: Initializer = default_router_init
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Routing:
     """x [T, D] -> Routing with K = top_k."""
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
-                            self.param_dtype, self.kernel_init)
+                            self.param_dtype, self.kernel_init, self.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
     return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k)
 
@@ -144,7 +148,7 @@ class NoisyTopKRouter(TopKRouter):
   def __call__(self, x: jax.Array, train: bool = False) -> Routing:
     """x [T, D] -> Routing with K = top_k."""
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
-                            self.param_dtype, self.kernel_init)
+                            self.param_dtype, self.kernel_init, self.dtype)
     noise_kernel = self.param(
         'noise_kernel', nn.with_logical_partitioning(nn.initializers.zeros, ('embed', None)),
         (x.shape[-1], self.num_experts), self.param_dtype)
@@ -177,6 +181,7 @@ class ExpertChoiceRouter(nn.Module):
   capacity_factor: float = 1.0
   jitter_noise: float = 0.0
   param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
   kernel_init: Initializer = default_router_init
 
   @nn.compact
@@ -184,7 +189,7 @@ class ExpertChoiceRouter(nn.Module):
     """x [T, D] -> Routing with K = E."""
     num_tokens = x.shape[0]
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
-                            self.param_dtype, self.kernel_init)
+                            self.param_dtype, self.kernel_init, self.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
     capacity = expert_choice_capacity(num_tokens, self.num_experts, self.top_k,
                                       self.capacity_factor)
@@ -193,7 +198,7 @@ class ExpertChoiceRouter(nn.Module):
     chosen = jnp.zeros((self.num_experts, num_tokens), bool).at[
         experts[:, None], token_index].set(True).T  # [T, E]
     expert_index = jnp.where(chosen, experts, -1)
-    combine_weight = jnp.where(chosen, probs, 0.0)
+    combine_weight = jnp.where(chosen, probs, 0.0).astype(jnp.float32)
     return Routing(expert_index=expert_index, combine_weight=combine_weight,
                    metrics=routing_metrics(logits, probs, expert_index))
 
@@ -214,6 +219,7 @@ class AuxFreeRouter(nn.Module):
   jitter_noise: float = 0.0
   bias_rate: float = 1e-3
   param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
   kernel_init: Initializer = default_router_init
 
   @nn.compact
@@ -221,7 +227,7 @@ class AuxFreeRouter(nn.Module):
     """x [T, D] -> Routing with K = top_k."""
     bias = self.variable('router_state', 'bias', jnp.zeros, (self.num_experts,), jnp.float32)
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
-                            self.param_dtype, self.kernel_init)
+                            self.param_dtype, self.kernel_init, self.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
     routing = _top_k_routing(logits, probs, probs + bias.value, self.top_k,
                              self.normalize_top_k)
@@ -235,10 +241,11 @@ class AuxFreeRouter(nn.Module):
 
 def make_router(name: str, *, num_experts: int, top_k: int, normalize_top_k: bool = True,
                 jitter_noise: float = 0.0, capacity_factor: float = 1.0,
-                bias_rate: float = 1e-3, param_dtype: Any = jnp.float32) -> nn.Module:
+                bias_rate: float = 1e-3, param_dtype: Any = jnp.float32,
+                dtype: Any = jnp.float32) -> nn.Module:
   """The router called `name` (one of ROUTERS), as the Linen submodule 'router'."""
   common = dict(num_experts=num_experts, top_k=top_k, jitter_noise=jitter_noise,
-                param_dtype=param_dtype, name='router')
+                param_dtype=param_dtype, dtype=dtype, name='router')
   if name == 'top_k':
     return TopKRouter(normalize_top_k=normalize_top_k, **common)
   if name == 'noisy_top_k':

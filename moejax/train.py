@@ -114,9 +114,11 @@ def scale_by_adam(b1: float, b2: float, eps: float, mu_dtype, nu_dtype
                   ) -> optax.GradientTransformation:
   """Adam's moment scaling (Kingma & Ba 2015) storing each moment in its own dtype.
 
-  optax.scale_by_adam exposes only `mu_dtype`; pure bf16 training keeps nu in bf16 too. The
-  moments are updated and bias-corrected in float32 and only stored in `mu_dtype`/`nu_dtype`;
-  updates come out in the gradient's dtype. With float32 moments this matches optax.scale_by_adam.
+  optax.scale_by_adam (0.2.8) takes only `mu_dtype`; a bf16-initialised nu would stay bf16 there
+  (it casts nu like its state), but the moments would then be updated in bf16 arithmetic, with a
+  rounding at every operation. Here they are updated and bias-corrected in float32, with optax's
+  own tree functions, and rounded once to `mu_dtype`/`nu_dtype` to be stored; updates come out in
+  the gradient's dtype. With float32 moments this is optax.scale_by_adam bit for bit.
   """
   def init_fn(params):
     return optax.ScaleByAdamState(
@@ -126,20 +128,17 @@ def scale_by_adam(b1: float, b2: float, eps: float, mu_dtype, nu_dtype
 
   def update_fn(updates, state, params=None):
     del params
+    grads = optax.tree.cast(updates, jnp.float32)
+    mu = optax.tree.update_moment(grads, optax.tree.cast(state.mu, jnp.float32), b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(grads, optax.tree.cast(state.nu, jnp.float32),
+                                                b2, 2)
     count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda g, m: (1 - b1) * g.astype(jnp.float32) + b1 * m.astype(jnp.float32),
-                      updates, state.mu)
-    nu = jax.tree.map(
-        lambda g, v: (1 - b2) * jnp.square(g.astype(jnp.float32)) + b2 * v.astype(jnp.float32),
-        updates, state.nu)
-    mu_correction = (1 - b1**count).astype(jnp.float32)
-    nu_correction = (1 - b2**count).astype(jnp.float32)
-    new_updates = jax.tree.map(
-        lambda g, m, v: ((m / mu_correction) / (jnp.sqrt(v / nu_correction) + eps)).astype(g.dtype),
-        updates, mu, nu)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    new_updates = jax.tree.map(lambda g, m, v: (m / (jnp.sqrt(v) + eps)).astype(g.dtype),
+                               updates, mu_hat, nu_hat)
     return new_updates, optax.ScaleByAdamState(
-        count=count, mu=optax.tree_utils.tree_cast(mu, mu_dtype),
-        nu=optax.tree_utils.tree_cast(nu, nu_dtype))
+        count=count, mu=optax.tree.cast(mu, mu_dtype), nu=optax.tree.cast(nu, nu_dtype))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -219,15 +218,23 @@ def _variables(params, model_state):
   return {'params': params, 'router_state': model_state} if model_state else {'params': params}
 
 
+# fold_in tag of the step key that stochastic rounding uses, apart from the router's noise.
+_ROUNDING_STREAM = 1
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    objective: objective_lib.Objective = objective_lib.lm_objective
+                    objective: objective_lib.Objective = objective_lib.lm_objective,
+                    stochastic_rounding: bool = False
                     ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
   """The pure train step `(state, batch [..., B, S+1] int32) -> (state, metrics)`; jit it yourself.
 
   The model sees `batch[..., :-1]`; `objective(output, batch) -> (loss, metrics)` (see
-  moejax.objective) turns its output into the loss to minimise. metrics: the objective's (by
-  default `loss`, the cross-entropy, and the model's aux values `aux_loss`, `load_balance_loss`,
-  `router_z_loss`, `dropped_fraction`, `router_entropy`, `expert_fraction` [L_moe, E]), then
+  moejax.objective) turns its output into the loss to minimise. `stochastic_rounding`
+  (`precision.stochastic_rounding`) rounds the updated bf16/fp16 params stochastically
+  (`precision.apply_updates`), keyed by (state.rng, step) so resume stays bitwise. metrics: the
+  objective's (by default `loss`, the cross-entropy, and the model's aux values `aux_loss`,
+  `load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy`, `expert_fraction`
+  [L_moe, E]), then
   `learning_rate`, `grad_norm`, `loss_scale`, `skipped` (1 when this step's update was skipped)
   and `nonfinite_count`.
   """
@@ -248,7 +255,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     grads = state.loss_scale.unscale(grads)
     finite = precision.all_finite(grads) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    rounding_key = (jax.random.fold_in(step_rng, _ROUNDING_STREAM) if stochastic_rounding
+                    else None)
+    params = precision.apply_updates(state.params, updates, rounding_key)
     new_state = state.replace(
         step=state.step + 1,
         params=precision.select_tree(finite, params, state.params),
@@ -543,8 +552,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # --- Step functions and periodic actions --------------------------------------------------
       train_batch_sharding = sharding.batch_sharding(
           mesh, rules, (config.data.batch_size, config.data.seq_len + 1))
-      train_step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule),
-                           in_shardings=(exp.state_shardings, train_batch_sharding),
+      step_fn = make_train_step(exp.model, exp.tx, exp.schedule,
+                                stochastic_rounding=config.precision.stochastic_rounding)
+      train_step = jax.jit(step_fn, in_shardings=(exp.state_shardings, train_batch_sharding),
                            out_shardings=(exp.state_shardings, None), donate_argnums=0)
       eval_step = jax.jit(make_eval_step(exp.model),
                           in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))

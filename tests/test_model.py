@@ -242,3 +242,10 @@ class ModelTest(parameterized.TestCase):
     model, variables, _ = _init('dense', False, 'fp32')
     with self.assertRaisesRegex(ValueError, 'model.max_seq_len=16'):
       model.apply(variables, tokens_for(length=17))
+
+
+def test_router_dtype_is_validated_naming_the_field():
+  config = tiny_config()
+  config.moe.router_dtype = 'float16'
+  with pytest.raises(ValueError, match=r"model.moe.router_dtype='float16'; expected one of"):
+    model_lib.validate_config(config)

@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from moejax import precision
 
@@ -134,3 +135,68 @@ class LossScaleTest(parameterized.TestCase):
     self.assertFalse(np.allclose(new_params['w'], params['w']))
     self.assertEqual(int(new_scale.good_steps), 1)
 
+
+
+class StochasticRoundTest(parameterized.TestCase):
+
+  @parameterized.parameters('bfloat16', 'float16')
+  def test_unbiased_and_only_the_two_neighbours(self, dtype):
+    values = np.array([1.0 + 1 / 3, -2.7182817, 3.1e-3, 1e-6], np.float32)
+    n = 20_000
+    x = jnp.asarray(np.repeat(values, n))
+    rounded = np.asarray(precision.stochastic_round(x, dtype, jax.random.key(0))
+                         .astype(jnp.float32)).reshape(len(values), n)
+    for value, samples in zip(values, rounded):
+      lower, upper = self._neighbours(value, dtype)
+      self.assertEqual(set(np.unique(samples).tolist()), {lower, upper})
+      # The mean of n roundings: standard error <= gap / (2 sqrt(n)); allow 5 of them.
+      self.assertAlmostEqual(float(np.mean(samples.astype(np.float64))), float(value),
+                             delta=5 * (upper - lower) / (2 * np.sqrt(n)))
+
+  @staticmethod
+  def _neighbours(value, dtype):
+    """(largest <= value, smallest >= value) representable in dtype, as Python floats."""
+    nearest = jnp.asarray(value).astype(dtype)
+    toward = jnp.asarray(-jnp.inf if float(nearest) > value else jnp.inf, dtype)
+    other = jnp.nextafter(nearest, toward)
+    return tuple(sorted((float(nearest), float(other))))
+
+  @parameterized.parameters('bfloat16', 'float16')
+  def test_representable_values_and_non_finite_stay(self, dtype):
+    x = jnp.array([1.0, -0.5, 0.0, 96.0, jnp.inf, -jnp.inf], jnp.float32)
+    out = precision.stochastic_round(x, dtype, jax.random.key(1))
+    self.assertEqual(out.dtype, jnp.dtype(dtype))
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(x))
+    self.assertTrue(bool(jnp.isnan(precision.stochastic_round(jnp.array([jnp.nan]), dtype,
+                                                              jax.random.key(2)))[0]))
+
+  def test_rejects_other_dtypes(self):
+    with self.assertRaisesRegex(ValueError, r'dtype=int8; allowed values: bfloat16, float16'):
+      precision.stochastic_round(jnp.ones(2), jnp.int8, jax.random.key(0))
+
+  def test_small_updates_move_a_bf16_parameter_only_when_rounded_stochastically(self):
+    """1.0 + 1e-3, a thousand times: 1e-3 is below half a bf16 ulp at 1 (2^-8)."""
+    @jax.jit
+    def run(key):
+      def body(i, params):
+        step_key = None if key is None else jax.random.fold_in(key, i)
+        return precision.apply_updates(params, {'w': jnp.float32(1e-3)}, step_key)
+      return jax.lax.fori_loop(0, 1000, body, {'w': jnp.ones((), jnp.bfloat16)})['w']
+
+    nearest = jax.jit(lambda: jax.lax.fori_loop(
+        0, 1000, lambda i, p: precision.apply_updates(p, {'w': jnp.float32(1e-3)}),
+        {'w': jnp.ones((), jnp.bfloat16)})['w'])()
+    self.assertEqual(float(nearest), 1.0)
+    stochastic = run(jax.random.key(0))
+    self.assertEqual(stochastic.dtype, jnp.bfloat16)
+    # Expected 2.0; the random walk's standard deviation is about 0.08.
+    self.assertAlmostEqual(float(stochastic), 2.0, delta=0.3)
+
+  def test_apply_updates_leaves_float32_and_matches_optax_without_a_key(self):
+    params = {'w': jnp.array([1.0, 2.0], jnp.float32), 'b': jnp.array([1.0], jnp.bfloat16)}
+    updates = {'w': jnp.array([1e-9, -1e-3]), 'b': jnp.array([1e-3], jnp.bfloat16)}
+    keyed = precision.apply_updates(params, updates, jax.random.key(0))
+    np.testing.assert_array_equal(keyed['w'], params['w'] + updates['w'])
+    self.assertEqual(keyed['b'].dtype, jnp.bfloat16)
+    chex.assert_trees_all_equal(precision.apply_updates(params, updates),
+                                optax.apply_updates(params, updates))

@@ -246,3 +246,19 @@ class MakeRouterTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"router='switch'.*'top_k'.*'noisy_top_k'.*"
                                 r"'expert_choice'.*'aux_free'"):
       routing.make_router('switch', num_experts=4, top_k=2)
+
+
+class RouterDtypeTest(parameterized.TestCase):
+  """model.moe.router_dtype: the bf16-router ablation rounds the logits, gates stay float32."""
+
+  def test_bf16_router_rounds_its_logits_and_keeps_float32_outputs(self):
+    x = jax.random.normal(jax.random.key(0), (64, 16), jnp.float32)
+    router32 = routing.make_router('top_k', num_experts=8, top_k=2)
+    router16 = routing.make_router('top_k', num_experts=8, top_k=2, dtype=jnp.bfloat16)
+    params = router32.init(jax.random.key(1), x)
+    out32, out16 = router32.apply(params, x), router16.apply(params, x)
+    self.assertEqual(out16.combine_weight.dtype, jnp.float32)
+    self.assertEqual(out16.metrics['router_z_loss'].dtype, jnp.float32)
+    gap = np.max(np.abs(np.asarray(out16.combine_weight) - np.asarray(out32.combine_weight)))
+    self.assertGreater(gap, 0.0)  # the bf16 rounding shows ...
+    self.assertLess(gap, 0.05)    # ... at about bf16's resolution, 2^-8 relative

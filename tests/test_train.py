@@ -65,26 +65,37 @@ def smoke_batch(config, step):
 
 class OptimizerTest(parameterized.TestCase):
 
-  def test_scale_by_adam_matches_optax_in_float32(self):
-    params = {'w': jnp.ones((3, 4)), 'b': jnp.zeros((4,))}
-    ours = train.scale_by_adam(0.9, 0.95, 1e-8, jnp.float32, jnp.float32)
-    ref = optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8)
-    ours_state, ref_state = ours.init(params), ref.init(params)
-    for i in range(3):
+  def test_float32_moments_give_optax_adamw_exactly(self):
+    config = smoke_config()
+    config.optim.grad_clip = 0.0  # optax.adamw has no clipping
+    tx, schedule = train.make_optimizer(config)
+    optim = config.optim
+    ref = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                      weight_decay=optim.weight_decay, mask=train.weight_decay_mask)
+    params = {'w': jax.random.normal(jax.random.PRNGKey(7), (3, 4)), 'b': jnp.zeros((4,)),
+              'embedding': jnp.ones((5, 4))}
+    ours_state, ref_state = tx.init(params), ref.init(params)
+    ours_update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
+    for i in range(6):
       grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
-      ours_updates, ours_state = ours.update(grads, ours_state)
-      ref_updates, ref_state = ref.update(grads, ref_state)
-      chex.assert_trees_all_close(ours_updates, ref_updates, rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_close(ours_state.nu, ref_state.nu, rtol=1e-6)
+      ours, ours_state = ours_update(grads, ours_state, params)
+      want, ref_state = ref_update(grads, ref_state, params)
+      chex.assert_trees_all_equal(ours, want)
+      params = optax.apply_updates(params, ours)
+    chex.assert_trees_all_equal(ours_state[1].nu, ref_state[0].nu)
+    chex.assert_trees_all_equal(ours_state[1].mu, ref_state[0].mu)
 
   @parameterized.parameters(
       ('fp32', jnp.float32, jnp.float32),
       ('bf16', jnp.bfloat16, jnp.float32),
       ('pure_bf16', jnp.bfloat16, jnp.bfloat16),
+      ('pure_bf16', jnp.bfloat16, jnp.float32, '', 'float32'),
+      ('fp32', jnp.bfloat16, jnp.float32, 'bfloat16', ''),
   )
-  def test_moment_dtypes_follow_the_policy(self, policy, mu_dtype, nu_dtype):
+  def test_moment_dtypes_follow_the_policy(self, policy, mu_dtype, nu_dtype, mu_override='',
+                                           nu_override=''):
     config = smoke_config()
-    config.precision.policy = policy
+    config.precision.update(policy=policy, mu_dtype=mu_override, nu_dtype=nu_override)
     model = model_lib.build_model(config.model, precision.get_policy(policy))
     tx, _ = train.make_optimizer(config)
     state = nn.unbox(jax.eval_shape(train.make_init_fn(config, model, tx), jax.random.PRNGKey(0)))
@@ -287,6 +298,28 @@ def test_resume_is_bitwise_identical_and_evaluate_reproduces_the_eval_loss(tmp_p
   config.model.d_model = 64
   with pytest.raises(ValueError, match=r'model\.d_model: 32 -> 64'):
     train.train_and_evaluate(config, full)
+
+
+@pytest.mark.slow
+def test_pure_bf16_with_stochastic_rounding_resumes_bitwise(tmp_path):
+  config = smoke_config(num_steps=8, log_every=2, eval_every=8, checkpoint_every=4)
+  config.precision.update(policy='pure_bf16', stochastic_rounding=True)
+  full, resumed, nearest = (str(tmp_path / name) for name in ('full', 'resumed', 'nearest'))
+  train.train_and_evaluate(config, full)
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))
+  train.train_and_evaluate(config, resumed)
+  assert without_timing(read_lines(resumed)) == without_timing(read_lines(full))
+  _, full_params, _ = train.restore_params(full)
+  _, resumed_params, _ = train.restore_params(resumed)
+  chex.assert_trees_all_equal(resumed_params, full_params)
+  assert {x.dtype for x in jax.tree.leaves(full_params)} == {jnp.dtype(jnp.bfloat16)}
+  # The rounding is real: nearest rounding ends elsewhere.
+  config.precision.stochastic_rounding = False
+  train.train_and_evaluate(config, nearest)
+  _, nearest_params, _ = train.restore_params(nearest)
+  assert any(not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+             for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(nearest_params)))
 
 
 def test_restore_params_returns_the_checkpoints_params_and_router_state(tmp_path):

@@ -49,6 +49,7 @@ def get_config(arg=None):
       activation='swiglu',       # 'swiglu' | 'gelu'
       gmm_impl='auto',           # 'auto' | 'xla' | 'blocked' | 'hopper' | 'hopper_ws'
       aux_free_bias_rate=1e-3,
+      router_dtype='float32',    # 'float32' | 'bfloat16': router logits, softmax and top-k
       load_balance_weight=1e-2,
       z_loss_weight=1e-3,
   ))
@@ -91,6 +92,7 @@ def get_config(arg=None):
       nu_dtype='',
       loss_scale_init=2.0**15,   # fp16 only
       loss_scale_period=2000,
+      stochastic_rounding=True,  # bf16/fp16 params only: unbiased rounding of every update
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(
