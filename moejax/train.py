@@ -33,6 +33,7 @@ import optax
 
 from moejax import checkpoint as checkpoint_lib
 from moejax import data as data_lib
+from moejax import memory
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
 from moejax import objective as objective_lib
@@ -547,7 +548,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       else:
         logging.info('Resumed from the checkpoint at step %d', step)
       # A killed run may have logged steps past its last checkpoint; they are redone.
-      writer.truncate_after(step)
+      writer.truncate_after(step - 1 if step == 0 else step)
+      if step == 0:
+        # The run's first metrics line: what its policy costs, from the real pytrees.
+        accounting = memory.state_accounting(state.params, state.opt_state, config.model)
+        writer.write(0, accounting)
+        if is_main:
+          print(memory.format_accounting(accounting), flush=True)
 
       # --- Step functions and periodic actions --------------------------------------------------
       train_batch_sharding = sharding.batch_sharding(
