@@ -163,7 +163,7 @@ def test_reached_preemption_is_false_without_a_preemption(tmp_path):
   ckpt.close()
 
 
-def test_restore_fields_reads_only_the_named_fields(tmp_path):
+def test_restore_fields_returns_only_the_named_fields(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints', async_save=False)
   ckpt.save(2, make_state(2))
   target = abstract(make_state(0))

@@ -1,5 +1,9 @@
 """Tests for moejax/data.py: tokenizer, corpora and their splits, batches."""
+import hashlib
+import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -99,6 +103,27 @@ def test_train_batch_is_a_pure_function_of_seed_and_step():
     parts = [ds.train_batch(5, process_index=p, process_count=count) for p in range(count)]
     assert all(p.shape == (8 // count, S + 1) for p in parts)
     np.testing.assert_array_equal(np.concatenate(parts), batch)
+
+
+def split_and_batch_fingerprint():
+  """sha256 of the stdlib corpus's train and validation streams, a train batch and the eval batches."""
+  ds = data.make_dataset(data_config(), seed=3, vocab_size=257)
+  parts = [ds.train_tokens, ds.val_tokens, ds.train_batch(7), *ds.eval_batches(2)]
+  return [hashlib.sha256(np.ascontiguousarray(p).tobytes()).hexdigest() for p in parts]
+
+
+def test_split_and_batches_are_the_same_in_every_process():
+  """Python salts str/bytes hash() per process: a split drawn with it would differ between the
+  processes of one run (and between a run and its resume). Two fresh interpreters with other
+  PYTHONHASHSEEDs must reproduce this process's split and batches."""
+  script = ('import json, sys; sys.path.insert(0, sys.argv[1]); import test_data; '
+            'print(json.dumps(test_data.split_and_batch_fingerprint()))')
+  here = split_and_batch_fingerprint()
+  for seed in ('1', '2'):
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    out = subprocess.run([sys.executable, '-c', script, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here, f'PYTHONHASHSEED={seed}'
 
 
 def test_batch_not_divisible_by_processes_names_both_numbers():

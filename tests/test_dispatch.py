@@ -1,5 +1,6 @@
 """Tests for moejax/dispatch.py: the backends agree; capacity drops exactly the right slots."""
 import functools
+import math
 
 from absl.testing import parameterized
 import chex
@@ -119,11 +120,21 @@ class CapacityTest(parameterized.TestCase):
     np.testing.assert_array_equal(np_kept(index, 4, 2), expected)
     self._check(index, expected, group_size=4, top_k=2, capacity_factor=0.75)
 
-  @parameterized.parameters((0.5, 8, False), (1.0, 4, False), (0.75, 16, True))
+  def test_fractional_capacity_rounds_up(self):
+    # One group of 5 tokens, E=3, k=2, factor 1: 1 · 2 · 5 / 3 = 3.33 slots, so C = 4.
+    # Priority: slot 0 of tokens 0..4, then slot 1. Expert 0 is every token's first choice:
+    # t0..t3 kept, t4/s0 dropped; expert 1 keeps its four second choices, expert 2 its one.
+    index = np.array([[0, 1]] * 4 + [[0, 2]], np.int32)
+    expected = np.array([[True, True]] * 4 + [[False, True]])
+    self.assertEqual(dispatch.group_capacity(5, 3, 2, 1.0), 4)
+    self.assertEqual(dispatch.group_capacity(8, 4, 1, 1.25), 3)  # 2.5 -> 3
+    self._check(index, expected, group_size=5, top_k=2, capacity_factor=1.0)
+
+  @parameterized.parameters((0.5, 8, False), (1.0, 4, False), (0.75, 16, True), (0.6, 8, False))
   def test_random_drops_match_reference(self, factor, group_size, empty_slots):
     routing = random_routing(32, 4, 2, seed=5, empty_slots=empty_slots)
     index = np.asarray(routing.expert_index)
-    capacity = dispatch.group_capacity(group_size, 4, 2, factor)
+    capacity = min(group_size, math.ceil(factor * 2 * group_size / 4))  # 0.6: 2.4 -> 3
     expected = np_kept(index, group_size, capacity)
     self.assertTrue((~expected & (index >= 0)).any())
     self._check(index, expected, group_size=group_size, top_k=2, capacity_factor=factor,

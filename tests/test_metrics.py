@@ -139,8 +139,11 @@ def test_peak_flops_per_device(kind, flops):
   assert metrics.peak_flops_per_device(types.SimpleNamespace(device_kind=kind)) == flops
 
 
-def test_peak_flops_default_device_is_cpu_here():
-  assert metrics.peak_flops_per_device() is None
+def test_peak_flops_defaults_to_the_first_device(monkeypatch):
+  # Whatever this machine has: the default reads jax.devices()[0].
+  fake = [types.SimpleNamespace(device_kind=kind) for kind in ('NVIDIA H100 PCIe', 'cpu')]
+  monkeypatch.setattr(metrics.jax, 'devices', lambda *args: fake)
+  assert metrics.peak_flops_per_device() == 756e12
 
 
 @pytest.mark.parametrize('with_eval,with_experts', [(True, True), (False, False)])

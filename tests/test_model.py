@@ -217,8 +217,10 @@ class ModelTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "attention_impl='cudnn' needs an NVIDIA GPU"):
       model.init(jax.random.key(0), tokens_for())
 
-  @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
-  def test_cudnn_attention_matches_xla(self):
+  @pytest.mark.gpu
+  @pytest.mark.skipif(jax.default_backend() != 'gpu',
+                      reason='GPU-only test: cuDNN attention needs an NVIDIA GPU, skipped elsewhere')
+  def test_gpu_cudnn_attention_matches_xla(self):
     # head_dim 64, bf16: the shapes cuDNN's flash attention serves.
     config = dict(d_model=256, num_heads=4, max_seq_len=128)
     tokens = tokens_for(batch=2, length=128)

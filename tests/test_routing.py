@@ -145,7 +145,9 @@ class NoiseTest(parameterized.TestCase):
 
 class ExpertChoiceTest(parameterized.TestCase):
 
-  @parameterized.parameters((4, 1, 1.0), (4, 2, 1.0), (8, 2, 1.25), (4, 2, 100.0))
+  # (4, 1, 0.9): 0.9 · 16 / 4 = 3.6 tokens per expert, so 4; (8, 3, 0.6): 3.6 again.
+  @parameterized.parameters((4, 1, 1.0), (4, 2, 1.0), (8, 2, 1.25), (4, 2, 100.0), (4, 1, 0.9),
+                            (8, 3, 0.6))
   def test_every_expert_gets_exactly_capacity_tokens(self, num_experts, top_k, factor):
     router = routing.ExpertChoiceRouter(num_experts, top_k, capacity_factor=factor)
     x = tokens()
@@ -202,8 +204,23 @@ class AuxFreeTest(parameterized.TestCase):
     load = np.asarray(result.metrics['expert_fraction'])
     self.assertLess(np.abs(load - 0.25).max(), np.abs(load0 - 0.25).max() / 4)
     self.assertLess(float(state['bias'][0]), -0.1)
-    # Gates come from the unbiased probabilities (top-1, normalised: always 1).
-    np.testing.assert_allclose(result.combine_weight, 1.0)
+
+  def test_top2_gates_are_the_unbiased_probabilities_without_renormalisation(self):
+    # The bias decides which experts are picked; the gates are the picked experts' unbiased
+    # probabilities, which (normalize_top_k=False) sum to less than 1.
+    router = routing.AuxFreeRouter(4, 2, normalize_top_k=False, bias_rate=self.rate)
+    x, kernel = tokens(t=32), kernel_like(4)
+    bias = np.array([0.3, -0.25, 0.0, 0.1], np.float32)
+    result = jax.jit(router.apply)({'params': {'kernel': kernel}, 'router_state': {'bias': bias}},
+                                   x)
+    probs = np_softmax(np.asarray(x, np.float64) @ kernel)
+    chosen = np.argsort(-(probs + bias), axis=-1, kind='stable')[:, :2]
+    np.testing.assert_array_equal(result.expert_index, chosen)
+    np.testing.assert_allclose(result.combine_weight, np.take_along_axis(probs, chosen, -1),
+                               rtol=1e-5)
+    unbiased = np.argsort(-probs, axis=-1, kind='stable')[:, :2]
+    self.assertTrue((np.sort(chosen, -1) != np.sort(unbiased, -1)).any())  # the bias mattered
+    self.assertLess(float(np.asarray(result.combine_weight).sum(-1).max()), 0.99)
 
   def test_bias_fixed_in_eval_or_when_immutable(self):
     _, new = jax.jit(lambda v: self.router.apply(v, self.x, train=False,

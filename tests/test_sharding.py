@@ -153,10 +153,16 @@ class BatchTest(parameterized.TestCase):
 
 class ValidateTest(parameterized.TestCase):
 
-  def test_valid(self):
+  def test_accepts_each_rule_at_its_edge(self):
+    # Exactly one expert per device, exactly one row per batch shard, and a capacity group of
+    # exactly the tokens per device: a check off by one (or dividing the wrong way) raises here.
     config = load_config()
     config.mesh.update(data=2, expert=4)
-    sharding.validate_mesh(config, sharding.make_mesh(config.mesh))
+    config.model.moe.update(num_experts=4, dispatch='capacity', group_size=config.data.seq_len)
+    config.data.update(batch_size=8, eval_batch_size=8)
+    mesh = sharding.make_mesh(config.mesh)
+    self.assertEqual(dict(mesh.shape), dict(data=2, fsdp=1, expert=4, model=1))
+    sharding.validate_mesh(config, mesh)
 
   def test_experts_not_divisible(self):
     config = load_config()
