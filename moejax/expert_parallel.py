@@ -5,7 +5,7 @@ experts (n = size of the expert mesh axis), C capacity, G groups, N token slots 
 
 Only the dispatch runs under `jax.shard_map`; the router, its aux losses and the shared experts
 stay outside, in GSPMD's global view, so the losses and metrics are those of one device by
-construction and expert choice (which ranks tokens across the whole batch) stays exact.
+construction and expert choice (which ranks the tokens of each capacity group) stays exact.
 Inside the shard_map every device runs the single-device dispatch of `moejax.dispatch` on its own
 tokens, with an `expert_fn` that wraps the local experts in all_to_alls:
 
@@ -120,8 +120,8 @@ def token_axes() -> tuple[str, ...]:
 
 def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert_axis: str,
              num_experts: int, top_k: int, capacity_factor: float, group_size: int,
-             activation: str = 'swiglu', gmm_impl: str = 'auto', dtype=jnp.float32
-             ) -> tuple[jax.Array, jax.Array]:
+             capacity_priority: str = 'position', activation: str = 'swiglu',
+             gmm_impl: str = 'auto', dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
   """`moejax.dispatch.dispatch` with the experts split over mesh axis `expert_axis`.
 
   x [T, D] and routing ([T, K] leaves) in the global view, split over the 'batch' mesh axes;
@@ -156,7 +156,7 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
   params = nn.unbox(expert_params)
   weights = tuple(params[k] for k in ('wi_0', 'wi_1', 'wo'))
   routing = Routing(expert_index=routing.expert_index, combine_weight=routing.combine_weight,
-                    metrics={})
+                    metrics={}, priority=routing.priority)
 
   def body(x, routing, *weights):
     # Mark the weights as varying over the data axes too, as the tokens are: a custom-VJP kernel's
@@ -177,7 +177,8 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
 
     y, dropped = dispatch_lib.dispatch(
         name, x, routing, expert_fn, num_experts=num_experts, top_k=top_k,
-        capacity_factor=capacity_factor, group_size=group_size)
+        capacity_factor=capacity_factor, group_size=group_size,
+        capacity_priority=capacity_priority)
     # The global share is total drops over total filled slots (expert choice fills unevenly).
     filled = jnp.sum(routing.expert_index >= 0).astype(jnp.float32)
     dropped = jax.lax.psum(dropped * filled, axes) / jnp.maximum(jax.lax.psum(filled, axes), 1.0)

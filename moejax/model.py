@@ -200,8 +200,10 @@ class Block(nn.Module):
       ffn = moe_lib.MoE(
           num_experts=m.num_experts, top_k=m.top_k, d_ff=m.d_ff, dispatch=m.dispatch,
           capacity_factor=m.capacity_factor, group_size=m.group_size,
-          num_shared_experts=m.num_shared_experts, router=m.router,
-          normalize_top_k=m.normalize_top_k, jitter_noise=m.jitter_noise,
+          capacity_priority=m.capacity_priority, num_shared_experts=m.num_shared_experts,
+          router=m.router, normalize_top_k=m.normalize_top_k,
+          num_expert_groups=m.num_expert_groups, top_groups=m.top_groups,
+          jitter_noise=m.jitter_noise,
           activation=m.activation, gmm_impl=m.gmm_impl,
           aux_free_bias_rate=m.aux_free_bias_rate, router_dtype=jnp.dtype(m.router_dtype),
           # Expert parallel exactly when traced under a mesh that splits the 'expert' axis.

@@ -52,10 +52,19 @@ class MoE(nn.Module):
     d_ff: width F of each expert (and of each shared expert).
     dispatch: 'dense' (reference), 'capacity' (token dropping) or 'ragged' (dropless).
     capacity_factor: slack of the capacity dispatch and of expert choice.
-    group_size: tokens per capacity group; 0 = one group per sequence.
+    group_size: tokens per capacity group; 0 = one group per sequence. Expert choice picks its
+      tokens within the same groups, so the capacity dispatch keeps all it picked.
+    capacity_priority: which slots the capacity dispatch keeps when an expert is full: 'position'
+      (earlier tokens first; causal for top_k = 1) or 'score' (V-MoE batch-prioritized routing:
+      highest gate first; not causal, later tokens decide which earlier ones drop). See
+      dispatch.capacity_dispatch.
     num_shared_experts: DeepSeek-MoE shared experts that see every token (one FFN of width n·F).
     router: one of routing.ROUTERS.
     normalize_top_k: renormalise the top-k gates to sum to 1.
+    num_expert_groups, top_groups: group-limited routing (DeepSeek-V2/V3): the experts form
+      num_expert_groups groups of consecutive experts, and each token picks its top_k experts
+      within its top_groups best groups (routing.group_limited_scores); 1 and 1 = off.
+      Token-choice routers only.
     jitter_noise: Switch's multiplicative router-input noise (training only).
     activation: 'swiglu' or 'gelu' (GeGLU).
     gmm_impl: grouped-matmul implementation for the ragged dispatch.
@@ -72,9 +81,12 @@ class MoE(nn.Module):
   dispatch: str = 'ragged'
   capacity_factor: float = 1.25
   group_size: int = 0
+  capacity_priority: str = 'position'
   num_shared_experts: int = 0
   router: str = 'top_k'
   normalize_top_k: bool = True
+  num_expert_groups: int = 1
+  top_groups: int = 1
   jitter_noise: float = 0.0
   activation: str = 'swiglu'
   gmm_impl: str = 'auto'
@@ -103,6 +115,9 @@ class MoE(nn.Module):
       raise ValueError(f'dispatch={self.dispatch!r}; allowed values: {dispatch_lib.DISPATCHES}')
     if self.router not in routing_lib.ROUTERS:
       raise ValueError(f'router={self.router!r}; allowed values: {routing_lib.ROUTERS}')
+    dispatch_lib.check_capacity_priority(self.capacity_priority)
+    routing_lib.check_expert_groups(self.num_experts, self.top_k, self.num_expert_groups,
+                                    self.top_groups)
     experts_lib.check_activation(self.activation)
 
   def _check_param_shapes(self, d_model: int):
@@ -136,16 +151,20 @@ class MoE(nn.Module):
     batch, seq, d_model = x.shape
     self._check_param_shapes(d_model)
     tokens = x.reshape(batch * seq, d_model)
+    group_size = self.group_size or seq
 
     routing = routing_lib.make_router(
         self.router, num_experts=self.num_experts, top_k=self.top_k,
         normalize_top_k=self.normalize_top_k, jitter_noise=self.jitter_noise,
-        capacity_factor=self.capacity_factor, bias_rate=self.aux_free_bias_rate,
-        param_dtype=self.param_dtype, dtype=self.router_dtype)(tokens, train=train)
+        capacity_factor=self.capacity_factor, group_size=group_size,
+        num_expert_groups=self.num_expert_groups, top_groups=self.top_groups,
+        bias_rate=self.aux_free_bias_rate, param_dtype=self.param_dtype,
+        dtype=self.router_dtype)(tokens, train=train)
     experts = experts_lib.Experts(self.num_experts, self.d_ff, self.activation, self.gmm_impl,
                                   self.dtype, self.param_dtype, name='experts')
     dispatch_args = dict(num_experts=self.num_experts, top_k=self.top_k,
-                         capacity_factor=self.capacity_factor, group_size=self.group_size or seq)
+                         capacity_factor=self.capacity_factor, group_size=group_size,
+                         capacity_priority=self.capacity_priority)
     if self.expert_axis is None or self.is_initializing():
       y, dropped = dispatch_lib.dispatch(self.dispatch, tokens.astype(self.dtype), routing,
                                          experts, **dispatch_args)

@@ -1,7 +1,8 @@
 """Routers: score tokens against experts and pick token slots; auxiliary losses and metrics.
 
 Shapes: T tokens (B*S flattened), D d_model, E experts, K slots per token (top_k; E for expert
-choice), C tokens per expert (expert choice).
+choice), G token groups of S tokens (expert choice), C tokens per expert per group (expert choice),
+N expert groups (group-limited routing) of E / N experts, M top_groups.
 
 Every router is a Linen module `router(x [T, D], train) -> Routing` whose kernel [D, E] is the
 param 'kernel'. Routing runs in float32 whatever the policy (ST-MoE selective precision): x is cast
@@ -12,7 +13,8 @@ costs; the losses and metrics stay in float32.
 A `Routing` describes K slots per token: `expert_index[t, j]` is the expert of slot j of token t,
 or -1 when the slot is empty (expert choice leaves most slots empty), and `combine_weight[t, j]`
 its gate (0 for empty slots). Every dispatch treats -1 as "no slot": it takes no capacity and no
-compute.
+compute. `priority[t]` is token t's highest router probability, the key by which the capacity
+dispatch ranks tokens under capacity_priority='score' (V-MoE's batch-priority score).
 """
 import math
 from typing import Any, Callable
@@ -30,10 +32,12 @@ default_router_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated
 
 @flax.struct.dataclass
 class Routing:
-  """expert_index [T, K] int32 (-1 = empty slot), combine_weight [T, K] float32, metrics dict."""
+  """expert_index [T, K] int32 (-1 = empty slot), combine_weight [T, K] float32, metrics dict,
+  priority [T] float32 (None where no router made it, e.g. hand-made routings)."""
   expert_index: jax.Array
   combine_weight: jax.Array
   metrics: dict[str, jax.Array]
+  priority: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- aux losses
@@ -98,16 +102,58 @@ def _router_logits(module: nn.Module, x: jax.Array, num_experts: int, jitter_noi
   return jnp.einsum('td,de->te', x.astype(dtype), kernel.astype(dtype))
 
 
+def check_expert_groups(num_experts: int, top_k: int, num_expert_groups: int,
+                        top_groups: int) -> None:
+  """Raises ValueError unless the experts split into num_expert_groups equal groups and top_k
+  experts fit into top_groups of them."""
+  if num_expert_groups < 1 or num_experts % num_expert_groups:
+    raise ValueError(f'num_expert_groups={num_expert_groups}; must be >= 1 and divide '
+                     f'num_experts={num_experts}')
+  if not 1 <= top_groups <= num_expert_groups:
+    raise ValueError(f'top_groups={top_groups}; allowed values: '
+                     f'1..num_expert_groups={num_expert_groups}')
+  if top_k > top_groups * (num_experts // num_expert_groups):
+    raise ValueError(f'top_k={top_k} experts do not fit into top_groups={top_groups} groups of '
+                     f'{num_experts // num_expert_groups} experts (num_experts={num_experts}, '
+                     f'num_expert_groups={num_expert_groups})')
+
+
+def group_limited_scores(scores: jax.Array, num_expert_groups: int, top_groups: int
+                         ) -> jax.Array:
+  """Group-limited routing (DeepSeek-V2 device-limited, DeepSeek-V3 node-limited): scores [T, E]
+  with every expert outside the token's top_groups best groups set to -inf.
+
+  The E experts form num_expert_groups groups of consecutive experts; a group's score is the sum
+  of its two highest scores (DeepSeek-V3 eq. in sec. 2.1.2; the best one alone when a group has
+  one expert). With the groups laid out one per device (or node), a token's slots reach at most
+  top_groups devices. 1 group, or top_groups = num_expert_groups, leaves the scores unchanged.
+  """
+  num_tokens, num_experts = scores.shape
+  if top_groups == num_expert_groups:
+    return scores
+  per_group = num_experts // num_expert_groups
+  grouped = scores.reshape(num_tokens, num_expert_groups, per_group)  # [T, N, E/N]
+  group_score = jnp.sum(jax.lax.top_k(grouped, min(2, per_group))[0], axis=-1)  # [T, N]
+  _, best_groups = jax.lax.top_k(group_score, top_groups)  # [T, M]
+  keep = jnp.any(best_groups[:, :, None] == jnp.arange(num_expert_groups), axis=1)  # [T, N]
+  return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(num_tokens, num_experts)
+
+
 def _top_k_routing(logits: jax.Array, probs: jax.Array, selection_scores: jax.Array, top_k: int,
-                   normalize_top_k: bool) -> Routing:
-  """Picks the top_k experts of each token by `selection_scores` [T, E]; gates from `probs`."""
+                   normalize_top_k: bool, num_expert_groups: int = 1, top_groups: int = 1
+                   ) -> Routing:
+  """Picks the top_k experts of each token by `selection_scores` [T, E], within its top_groups
+  best expert groups (`group_limited_scores`); gates from `probs`."""
+  check_expert_groups(probs.shape[-1], top_k, num_expert_groups, top_groups)
+  selection_scores = group_limited_scores(selection_scores, num_expert_groups, top_groups)
   _, expert_index = jax.lax.top_k(selection_scores, top_k)
   gate = jnp.take_along_axis(probs, expert_index, axis=-1)
   if normalize_top_k:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
   expert_index = expert_index.astype(jnp.int32)
   return Routing(expert_index=expert_index, combine_weight=gate.astype(jnp.float32),
-                 metrics=routing_metrics(logits, probs, expert_index))
+                 metrics=routing_metrics(logits, probs, expert_index),
+                 priority=jnp.max(probs, axis=-1).astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- routers
@@ -118,12 +164,15 @@ class TopKRouter(nn.Module):
 
   Switch Transformer (Fedus et al. 2021) for top_k=1, GShard (Lepikhin et al. 2020) / Mixtral for
   top_k=2. With top_k=1 and normalize_top_k the gate is always 1, so the router learns only from
-  the aux loss; Switch uses normalize_top_k=False.
+  the aux loss; Switch uses normalize_top_k=False. num_expert_groups > 1 with top_groups <
+  num_expert_groups limits each token to its top_groups best groups (`group_limited_scores`).
   """
   num_experts: int
   top_k: int
   normalize_top_k: bool = True
   jitter_noise: float = 0.0
+  num_expert_groups: int = 1
+  top_groups: int = 1
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
   kernel_init: Initializer = default_router_init
@@ -134,7 +183,8 @@ class TopKRouter(nn.Module):
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
                             self.param_dtype, self.kernel_init, self.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
-    return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k)
+    return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k,
+                          self.num_expert_groups, self.top_groups)
 
 
 class NoisyTopKRouter(TopKRouter):
@@ -157,28 +207,34 @@ class NoisyTopKRouter(TopKRouter):
           jnp.einsum('td,de->te', x.astype(jnp.float32), noise_kernel.astype(jnp.float32)))
       logits = logits + noise_std * jax.random.normal(self.make_rng('router'), logits.shape)
     probs = jax.nn.softmax(logits, axis=-1)
-    return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k)
+    return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k,
+                          self.num_expert_groups, self.top_groups)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
                            capacity_factor: float) -> int:
-  """Tokens per expert in expert choice: ceil(capacity_factor · T · k / E), capped at T."""
-  return min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+  """Tokens per expert per group of num_tokens: ceil(capacity_factor · k · T / E), at least 1 and
+  at most T; also the capacity dispatch's slots per expert per group (`dispatch.group_capacity`),
+  so that the dispatch keeps every token expert choice picked."""
+  return min(num_tokens, max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts)))
 
 
 class ExpertChoiceRouter(nn.Module):
   """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router probability.
 
-  C = ceil(capacity_factor · T · top_k / E) capped at T, over all T tokens of the call, so a
-  token's routing depends on the other tokens of the batch, later positions included (fine for
+  Tokens are split into G groups of `group_size` consecutive tokens (0 = one group of all T
+  tokens); in each group every expert takes C = ceil(capacity_factor · top_k · S / E) tokens,
+  capped at S. Choosing per group, as V-MoE and flaxformer do, matches the capacity dispatch's
+  groups (MoE passes the same group_size to both), so that dispatch never drops a chosen token.
+  A token's routing depends on the other tokens of its group, later positions included (fine for
   encoders and for study, leaky for autoregressive decoding). The Routing has K = E slots per
   token: slot e holds expert e when e chose the token (gate = its probability, unnormalised), else
-  -1 and gate 0.
-  Every expert gets exactly C tokens; a token may get none or up to E.
+  -1 and gate 0. Every expert gets exactly C tokens per group; a token may get none or up to E.
   """
   num_experts: int
   top_k: int
   capacity_factor: float = 1.0
+  group_size: int = 0
   jitter_noise: float = 0.0
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
@@ -188,19 +244,27 @@ class ExpertChoiceRouter(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> Routing:
     """x [T, D] -> Routing with K = E."""
     num_tokens = x.shape[0]
+    group_size = self.group_size or num_tokens
+    if group_size < 0 or num_tokens % group_size:
+      raise ValueError(f'group_size={self.group_size} must be 0 (one group) or a positive divisor '
+                       f'of the number of tokens T={num_tokens} (batch * seq)')
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
                             self.param_dtype, self.kernel_init, self.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
-    capacity = expert_choice_capacity(num_tokens, self.num_experts, self.top_k,
+    num_groups = num_tokens // group_size
+    capacity = expert_choice_capacity(group_size, self.num_experts, self.top_k,
                                       self.capacity_factor)
-    _, token_index = jax.lax.top_k(probs.T, capacity)  # [E, C]
+    grouped_probs = probs.reshape(num_groups, group_size, self.num_experts)
+    _, token_index = jax.lax.top_k(grouped_probs.transpose(0, 2, 1), capacity)  # [G, E, C]
     experts = jnp.arange(self.num_experts, dtype=jnp.int32)
-    chosen = jnp.zeros((self.num_experts, num_tokens), bool).at[
-        experts[:, None], token_index].set(True).T  # [T, E]
+    chosen = jnp.zeros((num_groups, self.num_experts, group_size), bool).at[
+        jnp.arange(num_groups)[:, None, None], experts[None, :, None], token_index].set(True)
+    chosen = chosen.transpose(0, 2, 1).reshape(num_tokens, self.num_experts)  # [T, E]
     expert_index = jnp.where(chosen, experts, -1)
     combine_weight = jnp.where(chosen, probs, 0.0).astype(jnp.float32)
     return Routing(expert_index=expert_index, combine_weight=combine_weight,
-                   metrics=routing_metrics(logits, probs, expert_index))
+                   metrics=routing_metrics(logits, probs, expert_index),
+                   priority=jnp.max(probs, axis=-1).astype(jnp.float32))
 
 
 class AuxFreeRouter(nn.Module):
@@ -211,12 +275,15 @@ class AuxFreeRouter(nn.Module):
   (outside the gradient), so overloaded experts become less likely to be picked. b lives in the
   non-trainable collection 'router_state' ('bias' [E], float32) and is updated only when train=True
   and that collection is mutable. DeepSeek-V3 scores with sigmoids; we keep the softmax so that the
-  aux metrics mean the same for every router.
+  aux metrics mean the same for every router. Group-limited routing, as in DeepSeek-V3, ranks the
+  groups by the biased scores too.
   """
   num_experts: int
   top_k: int
   normalize_top_k: bool = True
   jitter_noise: float = 0.0
+  num_expert_groups: int = 1
+  top_groups: int = 1
   bias_rate: float = 1e-3
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
@@ -230,7 +297,7 @@ class AuxFreeRouter(nn.Module):
                             self.param_dtype, self.kernel_init, self.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
     routing = _top_k_routing(logits, probs, probs + bias.value, self.top_k,
-                             self.normalize_top_k)
+                             self.normalize_top_k, self.num_expert_groups, self.top_groups)
     if train and self.is_mutable_collection('router_state') and not self.is_initializing():
       load = jnp.sum(jax.nn.one_hot(routing.expert_index, self.num_experts, dtype=jnp.float32),
                      axis=(0, 1))
@@ -240,18 +307,28 @@ class AuxFreeRouter(nn.Module):
 
 
 def make_router(name: str, *, num_experts: int, top_k: int, normalize_top_k: bool = True,
-                jitter_noise: float = 0.0, capacity_factor: float = 1.0,
-                bias_rate: float = 1e-3, param_dtype: Any = jnp.float32,
-                dtype: Any = jnp.float32) -> nn.Module:
-  """The router called `name` (one of ROUTERS), as the Linen submodule 'router'."""
+                jitter_noise: float = 0.0, capacity_factor: float = 1.0, group_size: int = 0,
+                num_expert_groups: int = 1, top_groups: int = 1, bias_rate: float = 1e-3,
+                param_dtype: Any = jnp.float32, dtype: Any = jnp.float32) -> nn.Module:
+  """The router called `name` (one of ROUTERS), as the Linen submodule 'router'.
+
+  capacity_factor and group_size are expert choice's; num_expert_groups and top_groups (group-
+  limited routing) are the token-choice routers'.
+  """
   common = dict(num_experts=num_experts, top_k=top_k, jitter_noise=jitter_noise,
                 param_dtype=param_dtype, dtype=dtype, name='router')
+  token_choice = dict(normalize_top_k=normalize_top_k, num_expert_groups=num_expert_groups,
+                      top_groups=top_groups, **common)
   if name == 'top_k':
-    return TopKRouter(normalize_top_k=normalize_top_k, **common)
+    return TopKRouter(**token_choice)
   if name == 'noisy_top_k':
-    return NoisyTopKRouter(normalize_top_k=normalize_top_k, **common)
+    return NoisyTopKRouter(**token_choice)
   if name == 'expert_choice':
-    return ExpertChoiceRouter(capacity_factor=capacity_factor, **common)
+    if num_expert_groups != 1 or top_groups != 1:
+      raise ValueError(f'num_expert_groups={num_expert_groups}, top_groups={top_groups}: '
+                       "group-limited routing is for token choice; router='expert_choice' "
+                       'needs 1 and 1')
+    return ExpertChoiceRouter(capacity_factor=capacity_factor, group_size=group_size, **common)
   if name == 'aux_free':
-    return AuxFreeRouter(normalize_top_k=normalize_top_k, bias_rate=bias_rate, **common)
+    return AuxFreeRouter(bias_rate=bias_rate, **token_choice)
   raise ValueError(f'router={name!r}; allowed values: {ROUTERS}')

@@ -45,14 +45,18 @@ def run_dispatch(name, x, weights, routing, **kwargs):
   return dispatch.dispatch(name, x, routing, expert_fn, num_experts=num_experts, **kwargs)
 
 
-def np_kept(index, group_size, capacity):
-  """Reference for the capacity dispatch: which slots of index [T, K] survive."""
+def np_kept(index, group_size, capacity, priority=None):
+  """Reference for the capacity dispatch: which slots of index [T, K] survive. With priority [T]
+  (capacity_priority 'score'), each group's tokens are visited by it, highest first."""
   t, k = index.shape
   kept = np.zeros(index.shape, bool)
   for start in range(0, t, group_size):
+    group = np.arange(start, start + group_size)
+    if priority is not None:
+      group = group[np.argsort(-priority[group], kind='stable')]
     used = {}
     for slot in range(k):
-      for token in range(start, start + group_size):
+      for token in group:
         e = index[token, slot]
         if e >= 0 and used.get(e, 0) < capacity:
           used[e] = used.get(e, 0) + 1
@@ -130,32 +134,67 @@ class CapacityTest(parameterized.TestCase):
     self.assertEqual(dispatch.group_capacity(8, 4, 1, 1.25), 3)  # 2.5 -> 3
     self._check(index, expected, group_size=5, top_k=2, capacity_factor=1.0)
 
-  @parameterized.parameters((0.5, 8, False), (1.0, 4, False), (0.75, 16, True), (0.6, 8, False))
-  def test_random_drops_match_reference(self, factor, group_size, empty_slots):
+  @parameterized.product(
+      [dict(factor=0.5, group_size=8, empty_slots=False),
+       dict(factor=1.0, group_size=4, empty_slots=False),
+       dict(factor=0.75, group_size=16, empty_slots=True),
+       dict(factor=0.6, group_size=8, empty_slots=False)],
+      capacity_priority=('position', 'score'))
+  def test_random_drops_match_reference(self, factor, group_size, empty_slots, capacity_priority):
     routing = random_routing(32, 4, 2, seed=5, empty_slots=empty_slots)
     index = np.asarray(routing.expert_index)
+    priority = np.random.default_rng(6).uniform(size=32).astype(np.float32)
     capacity = min(group_size, math.ceil(factor * 2 * group_size / 4))  # 0.6: 2.4 -> 3
-    expected = np_kept(index, group_size, capacity)
+    expected = np_kept(index, group_size, capacity,
+                       priority if capacity_priority == 'score' else None)
     self.assertTrue((~expected & (index >= 0)).any())
+    if capacity_priority == 'score':  # the order matters: position would keep other slots
+      self.assertFalse(np.array_equal(expected, np_kept(index, group_size, capacity)))
     self._check(index, expected, group_size=group_size, top_k=2, capacity_factor=factor,
-                gate=routing.combine_weight)
+                gate=routing.combine_weight, priority=priority,
+                capacity_priority=capacity_priority)
 
-  def _check(self, index, expected_kept, *, group_size, top_k, capacity_factor, gate=None):
+  def test_score_priority_keeps_the_highest_scores(self):
+    # Top-1, every token to expert 0, one group of 8, C = ceil(0.5 · 8 / 2) = 2: 'position' keeps
+    # tokens 0 and 1, 'score' the two with the highest priority, wherever they sit.
+    index = np.zeros((8, 1), np.int32)
+    priority = np.array([0.2, 0.3, 0.9, 0.1, 0.4, 0.8, 0.5, 0.6], np.float32)
+    self.assertEqual(dispatch.group_capacity(8, 2, 1, 0.5), 2)
+    for capacity_priority, kept_tokens in (('position', [0, 1]), ('score', [2, 5])):
+      expected = np.zeros((8, 1), bool)
+      expected[kept_tokens] = True
+      np.testing.assert_array_equal(
+          np_kept(index, 8, 2, priority if capacity_priority == 'score' else None), expected)
+      self._check(index, expected, group_size=8, top_k=1, capacity_factor=0.5,
+                  priority=priority, num_experts=2, capacity_priority=capacity_priority)
+
+  @parameterized.named_parameters(
+      ('unknown', 'gate', None, r"capacity_priority='gate'.*'position', 'score'"),
+      ('no_priority', 'score', None, r"capacity_priority='score'.*routing.priority.*None"))
+  def test_bad_priority(self, capacity_priority, priority, match):
+    with self.assertRaisesRegex(ValueError, match):
+      run_dispatch('capacity', jnp.zeros((4, D)), random_weights(4),
+                   random_routing(4, 4, 2).replace(priority=priority), top_k=2,
+                   capacity_factor=1.0, group_size=4, capacity_priority=capacity_priority)
+
+  def _check(self, index, expected_kept, *, group_size, top_k, capacity_factor, gate=None,
+             priority=None, num_experts=None, capacity_priority='position'):
     """y equals the dense reference with the dropped slots' gates zeroed; the drop share too."""
     t, k = index.shape
-    e = int(index.max()) + 1
+    e = num_experts or int(index.max()) + 1
     weights = random_weights(e)
     x = np.random.default_rng(2).standard_normal((t, D)).astype(np.float32)
     if gate is None:
       gate = np.random.default_rng(4).uniform(0.1, 1.0, (t, k)).astype(np.float32)
     routing = Routing(expert_index=jnp.asarray(index), combine_weight=jnp.asarray(gate),
-                      metrics={})
+                      metrics={}, priority=None if priority is None else jnp.asarray(priority))
     kept_routing = routing.replace(combine_weight=jnp.where(expected_kept, gate, 0.0))
 
     @jax.jit
     def both(routing, kept_routing):
       kwargs = dict(top_k=top_k, capacity_factor=capacity_factor, group_size=group_size)
-      y, dropped = run_dispatch('capacity', x, weights, routing, **kwargs)
+      y, dropped = run_dispatch('capacity', x, weights, routing,
+                                capacity_priority=capacity_priority, **kwargs)
       y_ref, _ = run_dispatch('dense', x, weights, kept_routing, **kwargs)
       return y, dropped, y_ref
 

@@ -9,8 +9,12 @@ from jax.extend import core
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import dispatch
+from moejax import experts
 from moejax import moe
 from moejax import precision
+from moejax import routing
+from test_dispatch import np_kept
 
 B, S, D = 2, 8, 8
 AUX_SHAPES = dict(load_balance_loss=(), router_z_loss=(), dropped_fraction=(), router_entropy=())
@@ -95,6 +99,92 @@ class AgreementTest(parameterized.TestCase):
     # Every param of the layer gets a gradient.
     for path, grad in jax.tree_util.tree_leaves_with_path(grads_dense[0]):
       self.assertGreater(float(jnp.max(jnp.abs(grad))), 0.0, msg=jax.tree_util.keystr(path))
+
+
+class RouterDispatchTest(parameterized.TestCase):
+  """Every router under every dispatch, with several sequences, group sizes and capacities."""
+
+  @parameterized.product(
+      [dict(group_size=0, capacity_factor=1.0), dict(group_size=4, capacity_factor=1.25),
+       dict(group_size=24, capacity_factor=0.5)],
+      router=routing.ROUTERS)
+  def test_capacity_drops_only_what_it_must(self, router, group_size, capacity_factor):
+    # B=3 sequences of S=8; group_size 0 = one group per sequence, 24 = one across the batch.
+    fields = dict(num_experts=4, top_k=2, d_ff=6, router=router, group_size=group_size,
+                  capacity_factor=capacity_factor)
+    layers = {name: moe.MoE(dispatch=name, **fields) for name in dispatch.DISPATCHES}
+    x = inputs(batch=3)
+    variables = random_variables(layers['dense'], x)
+    router_module = routing.make_router(
+        router, num_experts=4, top_k=2, capacity_factor=capacity_factor,
+        group_size=group_size or S)
+
+    @jax.jit
+    def run(variables):
+      outputs = {name: layer.apply(variables, x) for name, layer in layers.items()}
+      router_variables = {collection: tree['router'] for collection, tree in variables.items()}
+      return outputs, router_module.apply(router_variables, x.reshape(-1, D))
+
+    outputs, chosen = run(variables)
+    y_dense, aux_dense = outputs['dense']
+    np.testing.assert_allclose(outputs['ragged'][0], y_dense, rtol=1e-5, atol=1e-5)
+    y_capacity, aux_capacity = outputs['capacity']
+    index = np.asarray(chosen.expert_index)
+    if router == 'expert_choice':
+      # The router chose per capacity group, so the capacity dispatch keeps every chosen slot.
+      self.assertEqual(float(aux_capacity['dropped_fraction']), 0.0)
+      np.testing.assert_allclose(y_capacity, y_dense, rtol=1e-5, atol=1e-5)
+      return
+    # Token choice: the capacity output is the dense one without the slots the reference drops.
+    capacity = dispatch.group_capacity(group_size or S, 4, 2, capacity_factor)
+    kept = np_kept(index, group_size or S, capacity)
+    self.assertAlmostEqual(float(aux_capacity['dropped_fraction']), 1 - kept.mean(), places=6)
+    self.assertEqual(float(aux_dense['dropped_fraction']), 0.0)
+    p = nn.unbox(variables['params']['experts'])
+    kept_routing = chosen.replace(combine_weight=jnp.where(kept, chosen.combine_weight, 0.0))
+    y_kept, _ = dispatch.dense_dispatch(
+        x.reshape(-1, D), kept_routing, functools.partial(experts.expert_ffn, p['wi_0'],
+                                                          p['wi_1'], p['wo']), num_experts=4)
+    np.testing.assert_allclose(y_capacity.reshape(-1, D), y_kept, rtol=1e-5, atol=1e-5)
+
+  def test_expert_choice_agrees_across_sequences(self):
+    # The issue's case: 4 sequences, one capacity group each; before, expert choice ranked all
+    # 64 tokens at once and the capacity dispatch dropped 6-12 % of its slots.
+    layers = {name: moe.MoE(num_experts=8, top_k=2, d_ff=8, router='expert_choice',
+                            dispatch=name) for name in dispatch.DISPATCHES}
+    x = inputs(batch=4, seq=16, d_model=16)
+    variables = random_variables(layers['dense'], x)
+    outputs = jax.jit(lambda v: {n: l.apply(v, x) for n, l in layers.items()})(variables)
+    for name in ('capacity', 'ragged'):
+      np.testing.assert_allclose(outputs[name][0], outputs['dense'][0], rtol=1e-5, atol=1e-5,
+                                 err_msg=name)
+      self.assertEqual(float(outputs[name][1]['dropped_fraction']), 0.0)
+
+
+class CausalityTest(parameterized.TestCase):
+  """Whether changing a later token can change an earlier token's output (capacity priority)."""
+
+  def _earliest_changed(self, capacity_priority, seed):
+    """Position of the first output that moves when tokens 12..15 of 16 change (16: none)."""
+    layer = moe.MoE(num_experts=4, top_k=1, d_ff=6, dispatch='capacity', capacity_factor=1.0,
+                    capacity_priority=capacity_priority)
+    x = inputs(batch=1, seq=16, seed=seed)
+    changed = x.copy()
+    changed[0, 12:] = inputs(batch=1, seq=4, seed=seed + 100)[0]
+    variables = random_variables(layer, x)
+    (y, aux), (y_changed, _) = jax.jit(lambda v: (layer.apply(v, x), layer.apply(v, changed)))(
+        variables)
+    self.assertGreater(float(aux['dropped_fraction']), 0.0)
+    moved = np.any(np.abs(np.asarray(y - y_changed))[0] > 1e-6, axis=-1)
+    return int(np.argmax(moved)) if moved.any() else 16
+
+  def test_position_priority_is_causal(self):
+    earliest = [self._earliest_changed('position', seed) for seed in range(3)]
+    self.assertGreaterEqual(min(earliest), 12)
+    self.assertLess(min(earliest), 16)  # the change reached some output
+
+  def test_score_priority_is_not(self):
+    self.assertLess(min(self._earliest_changed('score', seed) for seed in range(3)), 12)
 
 
 class LayerTest(parameterized.TestCase):

@@ -172,6 +172,105 @@ class ExpertChoiceTest(parameterized.TestCase):
     self.assertAlmostEqual(float(result.metrics['load_balance_loss']), 1.0, places=5)
 
 
+  @parameterized.parameters((4, 1.0), (8, 1.25), (2, 0.5))
+  def test_chooses_within_each_group(self, group_size, factor):
+    # Each expert takes its top-C tokens of every group of `group_size` consecutive tokens.
+    num_experts, top_k = 4, 2
+    router = routing.ExpertChoiceRouter(num_experts, top_k, capacity_factor=factor,
+                                        group_size=group_size)
+    x = tokens()
+    variables = {'params': {'kernel': kernel_like(num_experts)}}
+    index = np.asarray(jax.jit(router.apply)(variables, x).expert_index)
+    capacity = routing.expert_choice_capacity(group_size, num_experts, top_k, factor)
+    self.assertEqual(capacity, min(group_size, math.ceil(factor * top_k * group_size / 4)))
+    probs = np_softmax(np.asarray(x, np.float64) @ variables['params']['kernel'])
+    for start in range(0, T, group_size):
+      for e in range(num_experts):
+        group_probs = probs[start:start + group_size, e]
+        chosen = set(start + np.argsort(-group_probs, kind='stable')[:capacity])
+        self.assertEqual(set(start + np.nonzero(index[start:start + group_size, e] >= 0)[0]),
+                         chosen)
+
+  def test_group_size_must_divide_tokens(self):
+    router = routing.ExpertChoiceRouter(4, 2, group_size=5)
+    with self.assertRaisesRegex(ValueError, r'group_size=5.*T=16'):
+      router.init(jax.random.key(0), tokens())
+
+
+def np_group_limited_top_k(scores, num_groups, top_groups, top_k):
+  """Reference: per token, the top_groups groups by the sum of their two best scores, then the
+  top_k experts among those groups' experts, best first."""
+  t, e = scores.shape
+  per_group = e // num_groups
+  index = np.zeros((t, top_k), np.int64)
+  for token in range(t):
+    grouped = scores[token].reshape(num_groups, per_group)
+    group_score = np.sort(grouped, axis=-1)[:, ::-1][:, :2].sum(-1)
+    groups = np.argsort(-group_score, kind='stable')[:top_groups]
+    allowed = np.concatenate([g * per_group + np.arange(per_group) for g in groups])
+    index[token] = allowed[np.argsort(-scores[token, allowed], kind='stable')[:top_k]]
+  return index
+
+
+class GroupLimitedTest(parameterized.TestCase):
+
+  @parameterized.parameters((16, 4, 2, 3), (16, 8, 1, 2), (8, 4, 3, 4), (12, 3, 1, 2))
+  def test_top_k_matches_numpy(self, num_experts, num_groups, top_groups, top_k):
+    router = routing.TopKRouter(num_experts, top_k, num_expert_groups=num_groups,
+                                top_groups=top_groups)
+    x = tokens(t=32)
+    variables = {'params': {'kernel': kernel_like(num_experts, scale=1.0)}}
+    result = jax.jit(router.apply)(variables, x)
+    probs = np_softmax(np.asarray(x, np.float64) @ variables['params']['kernel'])
+    expected = np_group_limited_top_k(probs, num_groups, top_groups, top_k)
+    np.testing.assert_array_equal(result.expert_index, expected)
+    gate = np.take_along_axis(probs, expected, -1)
+    np.testing.assert_allclose(result.combine_weight, gate / gate.sum(-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+    # Each token's experts lie in at most top_groups groups, and the limit changed some choice.
+    groups_per_token = [len(set(row // (num_experts // num_groups))) for row in expected]
+    self.assertLessEqual(max(groups_per_token), top_groups)
+    unlimited = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]
+    self.assertFalse(np.array_equal(np.sort(unlimited, -1), np.sort(expected, -1)))
+
+  def test_aux_free_ranks_groups_by_biased_scores(self):
+    num_experts, num_groups, top_groups, top_k = 8, 4, 2, 2
+    bias = np.array([0.0, 0.0, 0.3, 0.3, 0.0, 0.0, -0.2, 0.1], np.float32)
+    router = routing.AuxFreeRouter(num_experts, top_k, num_expert_groups=num_groups,
+                                   top_groups=top_groups)
+    x = tokens(t=32)
+    variables = {'params': {'kernel': kernel_like(num_experts)},
+                 'router_state': {'bias': bias}}
+    result = jax.jit(router.apply)(variables, x)
+    probs = np_softmax(np.asarray(x, np.float64) @ variables['params']['kernel'])
+    expected = np_group_limited_top_k(probs + bias, num_groups, top_groups, top_k)
+    np.testing.assert_array_equal(result.expert_index, expected)
+
+  def test_all_groups_is_off(self):
+    x = tokens()
+    variables = {'params': {'kernel': kernel_like(8)}}
+    limited = routing.TopKRouter(8, 2, num_expert_groups=4, top_groups=4).apply(variables, x)
+    plain = routing.TopKRouter(8, 2).apply(variables, x)
+    chex.assert_trees_all_equal(limited, plain)
+
+  @parameterized.named_parameters(
+      ('not_divisible', dict(num_expert_groups=3), r'num_expert_groups=3.*num_experts=8'),
+      ('too_many_groups', dict(num_expert_groups=2, top_groups=3),
+       r'top_groups=3.*1\.\.num_expert_groups=2'),
+      ('top_k_does_not_fit', dict(num_expert_groups=4, top_groups=1),
+       r'top_k=3 experts do not fit into top_groups=1 groups of 2'),
+  )
+  def test_bad_groups(self, fields, match):
+    router = routing.TopKRouter(8, 3, **fields)
+    with self.assertRaisesRegex(ValueError, match):
+      router.init(jax.random.key(0), tokens())
+
+  def test_expert_choice_refuses_groups(self):
+    with self.assertRaisesRegex(ValueError, r"num_expert_groups=2.*'expert_choice'"):
+      routing.make_router('expert_choice', num_experts=4, top_k=2, num_expert_groups=2,
+                          top_groups=1)
+
+
 class AuxFreeTest(parameterized.TestCase):
 
   def setUp(self):
@@ -249,13 +348,17 @@ class MakeRouterTest(parameterized.TestCase):
       ('top_k', routing.TopKRouter), ('noisy_top_k', routing.NoisyTopKRouter),
       ('expert_choice', routing.ExpertChoiceRouter), ('aux_free', routing.AuxFreeRouter))
   def test_names(self, name, cls):
+    groups = dict(num_expert_groups=1, top_groups=1) if name == 'expert_choice' else dict(
+        num_expert_groups=2, top_groups=2)
     router = routing.make_router(name, num_experts=4, top_k=2, capacity_factor=1.5,
-                                 bias_rate=0.1, jitter_noise=0.01)
+                                 group_size=8, bias_rate=0.1, jitter_noise=0.01, **groups)
     self.assertIsInstance(router, cls)
     self.assertEqual(router.name, 'router')
     self.assertEqual((router.num_experts, router.top_k, router.jitter_noise), (4, 2, 0.01))
     if name == 'expert_choice':
-      self.assertEqual(router.capacity_factor, 1.5)
+      self.assertEqual((router.capacity_factor, router.group_size), (1.5, 8))
+    else:
+      self.assertEqual((router.num_expert_groups, router.top_groups), (2, 2))
     if name == 'aux_free':
       self.assertEqual(router.bias_rate, 0.1)
 

@@ -43,8 +43,13 @@ def get_config(arg=None):
       dispatch='ragged',
       capacity_factor=1.25,
       group_size=0,              # capacity groups of this many tokens; 0 = one group per sequence
+      # Which slots a full expert keeps: 'position' (earlier first; causal for top_k=1) or 'score'
+      # (V-MoE batch priority: highest gate first; not causal).
+      capacity_priority='position',
       num_shared_experts=0,
       normalize_top_k=True,
+      num_expert_groups=1,       # group-limited routing (DeepSeek-V3): top_k experts within the
+      top_groups=1,              # top_groups best of num_expert_groups groups; 1 / 1 = off
       jitter_noise=0.0,
       activation='swiglu',       # 'swiglu' | 'gelu'
       gmm_impl='auto',           # 'auto' | 'xla' | 'blocked' | 'hopper' | 'hopper_ws'
