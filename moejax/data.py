@@ -219,12 +219,17 @@ class Dataset:
     return np.asarray(tokens[index], dtype=np.int32)
 
 
+def check_process_split(batch_size, process_count, field):
+  """Every process loads the same number of rows of a global batch."""
+  if batch_size % process_count:
+    raise ValueError(f'{field}={batch_size} is not divisible by process_count={process_count}')
+
+
 def _process_rows(batch_size, process_index, process_count, field):
   """[lo, hi) rows of a global batch that belong to one process."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
-  if batch_size % process_count:
-    raise ValueError(f'{field}={batch_size} is not divisible by process_count={process_count}')
+  check_process_split(batch_size, process_count, field)
   local = batch_size // process_count
   return process_index * local, (process_index + 1) * local
 

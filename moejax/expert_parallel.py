@@ -101,6 +101,49 @@ def ragged_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int, block_rows: 
   return fn
 
 
+def check_tokens_split(expert_axis: str, token_axes: tuple[str, ...]) -> None:
+  """The axis that splits the experts must split the tokens too (each device routes its own)."""
+  if expert_axis not in token_axes:
+    raise ValueError(f'mesh axis {expert_axis!r} splits the experts, so it must split the tokens '
+                     f"too, but the 'batch' rule maps to {token_axes}, which lacks "
+                     f'{expert_axis!r}')
+
+
+def check_experts_split(num_experts: int, expert_axis: str, axis_size: int,
+                        field: str = 'num_experts') -> None:
+  """Every device holds the same number of experts."""
+  if num_experts % axis_size:
+    raise ValueError(f'{field}={num_experts} is not divisible by the size of mesh axis '
+                     f'{expert_axis!r} ({axis_size})')
+
+
+def check_groups_split(group_size: int, local_tokens: int, field: str = 'group_size',
+                       tokens_of: str = '') -> None:
+  """Capacity groups never straddle two devices, so the same slots drop as on one device."""
+  if group_size <= 0 or local_tokens % group_size:
+    raise ValueError(f'{field}={group_size} must be positive and divide the {local_tokens} '
+                     f'tokens per device{tokens_of}, so that no capacity group straddles two '
+                     'devices')
+
+
+def validate_mesh(config, mesh: jax.sharding.Mesh) -> None:
+  """Raises ValueError naming the fields when `mesh` cannot run `config`'s MoE layers expert
+  parallel (nothing to check for dense models or a mesh.expert of 1)."""
+  axis_size = mesh.shape['expert']
+  if config.model.ffn != 'moe' or axis_size == 1:
+    return
+  moe = config.model.moe
+  check_experts_split(moe.num_experts, 'expert', axis_size, 'model.moe.num_experts')
+  axes = sharding.mesh_axes_for('batch', sharding.logical_rules(config.mesh))
+  check_tokens_split('expert', axes)
+  # group_size 0 means one group per sequence, which always divides the tokens per device.
+  if moe.dispatch == 'capacity' and moe.group_size:
+    shards = math.prod(mesh.shape[a] for a in axes)
+    for field in ('batch_size', 'eval_batch_size'):
+      check_groups_split(moe.group_size, config.data[field] // shards * config.data.seq_len,
+                         'model.moe.group_size', f' of data.{field}')
+
+
 def context_expert_axis(axis: str = 'expert') -> str | None:
   """`axis` if the mesh in context (`sharding.mesh_context`) splits it over > 1 devices, else None.
 
@@ -137,21 +180,15 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
     raise ValueError(f'expert_axis={expert_axis!r}; allowed values: the mesh axes '
                      f'{mesh.axis_names}')
   axes = token_axes()
-  if expert_axis not in axes:
-    raise ValueError(f"expert_axis={expert_axis!r} must split the tokens, but the 'batch' rule "
-                     f'maps to {axes}')
+  check_tokens_split(expert_axis, axes)
   axis_size = mesh.shape[expert_axis]
-  if num_experts % axis_size:
-    raise ValueError(f'num_experts={num_experts} is not divisible by the size of mesh axis '
-                     f'{expert_axis!r} ({axis_size})')
+  check_experts_split(num_experts, expert_axis, axis_size)
   shards = math.prod(mesh.shape[a] for a in axes)
   if x.shape[0] % shards:
     raise ValueError(f'tokens T={x.shape[0]} must split evenly over the {shards} devices of mesh '
                      f'axes {axes}')
-  local_tokens = x.shape[0] // shards
-  if name == 'capacity' and (group_size <= 0 or local_tokens % group_size):
-    raise ValueError(f'group_size={group_size} must be positive and divide the {local_tokens} '
-                     'tokens per device, so that no capacity group straddles two devices')
+  if name == 'capacity':
+    check_groups_split(group_size, x.shape[0] // shards)
 
   params = nn.unbox(expert_params)
   weights = tuple(params[k] for k in ('wi_0', 'wi_1', 'wo'))

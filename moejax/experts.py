@@ -20,9 +20,9 @@ ACTIVATIONS = {'swiglu': nn.silu, 'gelu': nn.gelu}
 Initializer = Callable[..., jax.Array]
 
 
-def check_activation(activation: str):
+def check_activation(activation: str, field: str = 'activation'):
   if activation not in ACTIVATIONS:
-    raise ValueError(f'activation={activation!r}; allowed values: {sorted(ACTIVATIONS)}')
+    raise ValueError(f'{field}={activation!r}; allowed values: {sorted(ACTIVATIONS)}')
 
 
 def expert_ffn(wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, x: jax.Array,

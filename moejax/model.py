@@ -59,15 +59,16 @@ def validate_config(model_config):
   if model_config.first_dense_layers < 0:
     raise ValueError(f'model.first_dense_layers={model_config.first_dense_layers}; '
                      'expected an integer >= 0')
-  if model_config.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f'model.attention_impl={model_config.attention_impl!r}; expected one of '
-                     f'{ATTENTION_IMPLS}')
+  check_attention_impl(model_config.attention_impl)
   if model_config.moe.router_dtype not in ROUTER_DTYPES:
     raise ValueError(f'model.moe.router_dtype={model_config.moe.router_dtype!r}; expected one of '
                      f'{ROUTER_DTYPES}')
-  if model_config.moe.activation not in experts_lib.ACTIVATIONS:
-    raise ValueError(f'model.moe.activation={model_config.moe.activation!r}; expected one of '
-                     f'{tuple(experts_lib.ACTIVATIONS)}')
+  experts_lib.check_activation(model_config.moe.activation, 'model.moe.activation')
+
+
+def check_attention_impl(impl: str) -> None:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}')
 
 
 class RMSNorm(nn.Module):
@@ -108,8 +109,7 @@ def _attention(q, k, v, impl='xla', **kwargs):
   XLA's CPU backend has no fp16 x fp16 -> fp32 dot, which the reference attention asks for, so
   fp16 attention on CPU runs in float32 (CPU runs are for testing; speed there is moot).
   """
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f'model.attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}')
+  check_attention_impl(impl)
   if impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU; the default backend is "
                      f"{jax.default_backend()} (use 'xla')")

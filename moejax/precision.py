@@ -1,9 +1,10 @@
 """Mixed precision: dtype policies, fp16 dynamic loss scaling, optimizer-state dtypes.
 
-A `Policy` names three dtypes: params are stored in `param_dtype`, matmuls run in `compute_dtype`,
-and logits/losses come out in `output_dtype`. Every module takes its `dtype`/`param_dtype` from the
-policy, except the router, its softmax/top-k and the aux losses, which always run in float32
-(ST-MoE's "selective precision", Zoph et al. 2022).
+A `Policy` names two dtypes: params are stored in `param_dtype`, matmuls run in `compute_dtype`.
+Every module takes its `dtype`/`param_dtype` from the policy, except the router, its softmax/top-k
+and the aux losses (float32 unless `model.moe.router_dtype` says otherwise: ST-MoE's "selective
+precision", Zoph et al. 2022) and the output projection, logits and losses (always float32, see
+moejax.model).
 
 fp16 needs loss scaling (Micikevicius et al. 2018): multiply the loss by S before the backward pass,
 divide the grads by S, skip the step and halve S on overflow, double S after `period` finite steps.
@@ -27,32 +28,16 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-  """Parameter, compute and output dtypes of a model."""
+  """Parameter and compute dtypes of a model (its logits and losses are float32 under all)."""
   param_dtype: jnp.dtype
   compute_dtype: jnp.dtype
-  output_dtype: jnp.dtype
-
-  def cast_to_param(self, tree: PyTree) -> PyTree:
-    return _cast_floating(tree, self.param_dtype)
-
-  def cast_to_compute(self, tree: PyTree) -> PyTree:
-    return _cast_floating(tree, self.compute_dtype)
-
-  def cast_to_output(self, tree: PyTree) -> PyTree:
-    return _cast_floating(tree, self.output_dtype)
-
-
-def _cast_floating(tree, dtype):
-  """Casts floating-point leaves; integer leaves (tokens, indices) keep their dtype."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 POLICIES = {
-    'fp32': Policy(jnp.float32, jnp.float32, jnp.float32),
-    'bf16': Policy(jnp.float32, jnp.bfloat16, jnp.float32),
-    'pure_bf16': Policy(jnp.bfloat16, jnp.bfloat16, jnp.float32),
-    'fp16': Policy(jnp.float32, jnp.float16, jnp.float32),
+    'fp32': Policy(jnp.float32, jnp.float32),
+    'bf16': Policy(jnp.float32, jnp.bfloat16),
+    'pure_bf16': Policy(jnp.bfloat16, jnp.bfloat16),
+    'fp16': Policy(jnp.float32, jnp.float16),
 }
 
 

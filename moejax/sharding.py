@@ -184,15 +184,9 @@ def global_batch(local: np.ndarray, mesh: jax.sharding.Mesh, rules: Rules) -> ja
 
 
 def validate_mesh(config, mesh: jax.sharding.Mesh) -> None:
-  """Raises ValueError (naming both numbers) when `mesh` cannot run `config` as configured."""
+  """Raises ValueError (naming both numbers) when the batch axes of `mesh` do not divide the
+  global batches; the MoE layers' own mesh checks are moejax.expert_parallel.validate_mesh."""
   rules = logical_rules(config.mesh)
-  experts = mesh.shape['expert']
-  if config.model.ffn == 'moe':
-    num_experts = config.model.moe.num_experts
-    if num_experts % experts:
-      raise ValueError(
-          f'model.moe.num_experts={num_experts} is not divisible by the mesh expert axis '
-          f'(mesh.expert={experts})')
   batch_axes = mesh_axes_for('batch', rules)
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   for field in ('batch_size', 'eval_batch_size'):
@@ -201,23 +195,6 @@ def validate_mesh(config, mesh: jax.sharding.Mesh) -> None:
       raise ValueError(
           f'data.{field}={size} is not divisible by the {shards} batch shards '
           f'(mesh axes {batch_axes} of the batch rule)')
-    if size % jax.process_count():
-      raise ValueError(
-          f'data.{field}={size} is not divisible by the process count ({jax.process_count()})')
-  if config.model.ffn == 'moe' and experts > 1:
-    if 'expert' not in batch_axes:
-      raise ValueError(
-          f"mesh.expert={experts} needs the tokens split over the expert axis: the 'batch' rule "
-          f"maps to {batch_axes}, which lacks 'expert'")
-    moe = config.model.moe
-    # group_size 0 means one group per sequence, which always divides the tokens per device.
-    if moe.dispatch == 'capacity' and moe.group_size:
-      for field in ('batch_size', 'eval_batch_size'):
-        local_tokens = config.data[field] // shards * config.data.seq_len
-        if local_tokens % moe.group_size:
-          raise ValueError(
-              f'model.moe.group_size={moe.group_size} must divide the tokens per device of '
-              f'data.{field} ({local_tokens}) so that no capacity group straddles two devices')
 
 
 @contextlib.contextmanager

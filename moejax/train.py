@@ -33,6 +33,7 @@ import optax
 
 from moejax import checkpoint as checkpoint_lib
 from moejax import data as data_lib
+from moejax import expert_parallel
 from moejax import memory
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
@@ -99,8 +100,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(data.seq_len <= config.model.max_seq_len, 'data.seq_len', data.seq_len,
            f'<= model.max_seq_len ({config.model.max_seq_len})')
   for key in ('batch_size', 'eval_batch_size'):
-    _require(data[key] % jax.process_count() == 0, f'data.{key}', data[key],
-             f'a multiple of the process count ({jax.process_count()})')
+    data_lib.check_process_split(data[key], jax.process_count(), f'data.{key}')
   precision.get_policy(prec.policy)
   precision.optimizer_state_dtypes(prec.policy, prec.mu_dtype, prec.nu_dtype)
   precision.loss_scale_for(prec.policy, prec.loss_scale_init, prec.loss_scale_period)
@@ -367,6 +367,7 @@ def _build_experiment(config: ml_collections.ConfigDict) -> _Experiment:
   state of a validated `config`."""
   mesh = sharding.make_mesh(config.mesh)
   sharding.validate_mesh(config, mesh)
+  expert_parallel.validate_mesh(config, mesh)
   rules = sharding.logical_rules(config.mesh)
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   eval_batches = _eval_batches(ds, config, mesh, rules)

@@ -1,6 +1,5 @@
 """Smoke run of experiments/bench_moe.py on CPU: every case runs and the JSON holds the table."""
 import functools
-import importlib.util
 import json
 import pathlib
 
@@ -9,16 +8,15 @@ from absl.testing import flagsaver
 import jax.numpy as jnp
 import pytest
 
+from moejax import config_files
+
 _PATH = pathlib.Path(__file__).parents[1] / 'experiments' / 'bench_moe.py'
 
 
 @functools.cache
 def load_bench():
   """Imports the script once: its absl flags can be defined only once per process."""
-  spec = importlib.util.spec_from_file_location('bench_moe', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_files.load_module(str(_PATH))
 
 
 @pytest.mark.slow

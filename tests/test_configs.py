@@ -1,5 +1,4 @@
 """Every experiment config loads, matches the moe_tiny schema and validates; bad input fails early."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +6,7 @@ import sys
 from absl.testing import parameterized
 import ml_collections
 
+from moejax import config_files
 from moejax import model as model_lib
 from moejax import train
 
@@ -15,11 +15,7 @@ CONFIGS = ('moe_tiny', 'dense_tiny', 'moe_small')
 
 
 def load(name, arg=None):
-  path = os.path.join(REPO, 'experiments', 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'{name}_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.get_config(name, arg)
 
 
 def flat_keys(config):

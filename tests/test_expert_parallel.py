@@ -197,6 +197,50 @@ class ModelTest(parameterized.TestCase):
     self.assertIsNone(expert_parallel.context_expert_axis())
 
 
+class ValidateMeshTest(parameterized.TestCase):
+  """expert_parallel.validate_mesh: the config-level checks, naming the config fields."""
+
+  def _validate(self, config):
+    expert_parallel.validate_mesh(config, sharding.make_mesh(config.mesh))
+
+  def test_valid(self):
+    config = load_config()
+    config.mesh.update(data=2, expert=4)
+    config.model.moe.update(dispatch='capacity', group_size=32)
+    self._validate(config)
+
+  def test_experts_not_divisible(self):
+    config = load_config()
+    config.model.moe.num_experts = 6
+    config.mesh.update(data=2, expert=4)
+    with self.assertRaisesRegex(ValueError, r"model\.moe\.num_experts=6 .*'expert' \(4\)"):
+      self._validate(config)
+
+  def test_tokens_must_split_over_expert(self):
+    config = load_config()
+    config.mesh.update(data=2, expert=4)
+    config.mesh.rules = (('batch', 'data'),) + config.mesh.rules[1:]
+    with self.assertRaisesRegex(ValueError, "lacks 'expert'"):
+      self._validate(config)
+
+  def test_capacity_group_straddles_devices(self):
+    config = load_config()
+    config.mesh.update(data=2, expert=4)
+    config.model.moe.update(dispatch='capacity', group_size=48)
+    with self.assertRaisesRegex(ValueError,
+                                r'model\.moe\.group_size=48 .* 32 tokens per device of data\.batch'):
+      self._validate(config)
+
+  def test_eval_capacity_group_straddles_devices(self):
+    config = load_config()
+    config.mesh.update(data=2, expert=4)
+    config.data.update(batch_size=16, eval_batch_size=8)  # 64 and 32 tokens per device
+    config.model.moe.update(dispatch='capacity', group_size=64)
+    with self.assertRaisesRegex(ValueError, r'group_size=64 .* 32 tokens per device of '
+                                r'data\.eval_batch_size'):
+      self._validate(config)
+
+
 class ErrorTest(parameterized.TestCase):
 
   def _call(self, mesh_name=None, rules=RULES, num_experts=E, name='ragged', group_size=S):

@@ -1,7 +1,5 @@
 """Tests for moejax.generate: the KV cache reproduces the full forward pass; sampling rules."""
 import functools
-import importlib.util
-import pathlib
 
 from absl.testing import parameterized
 import chex
@@ -9,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import config_files
 from moejax import data
 from moejax import generate as generate_lib
 from moejax import model as model_lib
@@ -16,10 +15,7 @@ from moejax import precision
 
 B, P, N = 2, 3, 5  # P = 3 matches sample_text('ab') (EOD + 2 bytes): one compile
 
-_CONFIG_PATH = pathlib.Path(__file__).parents[1] / 'experiments' / 'configs' / 'moe_tiny.py'
-_spec = importlib.util.spec_from_file_location('moe_tiny', _CONFIG_PATH)
-moe_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(moe_tiny)
+moe_tiny = config_files.load_module('moe_tiny')
 
 
 @functools.lru_cache(maxsize=None)

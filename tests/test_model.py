@@ -1,7 +1,5 @@
 """Tests for moejax.model: shapes, causality, aux losses, precision, FLOPs, params, validation."""
 import functools
-import importlib.util
-import pathlib
 import re
 
 from absl.testing import parameterized
@@ -12,15 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import config_files
 from moejax import model as model_lib
 from moejax import precision
 
 B, S = 2, 8
 
-_CONFIG_PATH = pathlib.Path(__file__).parents[1] / 'experiments' / 'configs' / 'moe_tiny.py'
-_spec = importlib.util.spec_from_file_location('moe_tiny', _CONFIG_PATH)
-moe_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(moe_tiny)
+moe_tiny = config_files.load_module('moe_tiny')
 
 
 def tiny_config(**overrides):

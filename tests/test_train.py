@@ -2,7 +2,6 @@
 
 The loop tests train the moe_tiny smoke config (D=32, 2 layers, S=32) for a dozen steps.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import optax
 import pytest
 
 from moejax import checkpoint
+from moejax import config_files
 from moejax import data as data_lib
 from moejax import model as model_lib
 from moejax import objective as objective_lib
@@ -32,11 +32,7 @@ TIMING_KEYS = ('step_time', 'tokens_per_s', 'mfu', 'flops_per_step')
 
 
 def smoke_config(**train_overrides):
-  path = os.path.join(REPO, 'experiments', 'configs', 'moe_tiny.py')
-  spec = importlib.util.spec_from_file_location('moe_tiny_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('smoke')
+  config = config_files.get_config('moe_tiny:smoke')
   config.train.update(train_overrides)
   return config
 

@@ -12,23 +12,14 @@ Measured: 2 CPU cores, jax 0.10.2, 2026-11-23: 600 steps in 7m10s wall, 6.2k tok
           capacity dispatch moe_tiny used then; the dense FFN does not depend on it).
 Smoke:    --config=experiments/configs/dense_tiny.py:smoke runs in seconds.
 """
-import importlib.util
-import os
+from moejax import config_files
 
-
-def _moe_tiny_config(arg):
-  """moe_tiny.get_config(arg), loaded by path: config files are not a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moe_tiny.py')
-  spec = importlib.util.spec_from_file_location('moe_tiny_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+common = config_files.load_module('common', next_to=__file__)
 
 
 def get_config(arg=None):
-  if arg not in (None, '', 'smoke'):
-    raise ValueError(f"dense_tiny: unknown config arg {arg!r}; expected 'smoke' or nothing")
-  config = _moe_tiny_config(arg)
+  common.check_arg('dense_tiny', arg)
+  config = config_files.load_module('moe_tiny', next_to=__file__).get_config(arg)
   config.model.ffn = 'dense'
   config.model.d_ff = config.model.moe.top_k * config.model.moe.d_ff
   return config

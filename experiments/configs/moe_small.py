@@ -13,8 +13,13 @@ Smoke:    --config=experiments/configs/moe_small.py:smoke runs in seconds on CPU
 """
 import ml_collections
 
+from moejax import config_files
+
+common = config_files.load_module('common', next_to=__file__)
+
 
 def get_config(arg=None):
+  common.check_arg('moe_small', arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -96,19 +101,7 @@ def get_config(arg=None):
       stochastic_rounding=True,  # bf16/fp16 params only: unbiased rounding of every update
   ))
 
-  config.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, expert=1, model=1,
-      rules=(
-          ('batch', ('data', 'fsdp', 'expert')),
-          ('length', None),
-          ('embed', 'fsdp'),
-          ('mlp', 'model'),
-          ('heads', 'model'),
-          ('kv', None),
-          ('vocab', 'model'),
-          ('expert', 'expert'),
-      ),
-  ))
+  config.mesh = common.mesh()
 
   if arg == 'smoke':
     config.model.update(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32)
@@ -117,6 +110,4 @@ def get_config(arg=None):
     config.train.update(num_steps=10, log_every=5, eval_every=5, eval_steps=1,
                         checkpoint_every=5)
     config.optim.update(warmup_steps=2)
-  elif arg:
-    raise ValueError(f"moe_small: unknown config arg {arg!r}; expected 'smoke' or nothing")
   return config
