@@ -144,6 +144,34 @@ def validate_mesh(config, mesh: jax.sharding.Mesh) -> None:
                          'model.moe.group_size', f' of data.{field}')
 
 
+def slot_traffic(expert_index: jax.Array, num_experts: int, num_devices: int
+                 ) -> dict[str, jax.Array]:
+  """What crosses devices for a routing expert_index [T, K], in this module's layout: tokens and
+  experts split evenly and in order over num_devices devices (the expert axis alone).
+
+  Returns int32 scalars
+    remote_slots: slots whose expert lives on another device than their token; the rows this
+      module's all_to_all carries (each slot travels on its own; ragged pads them to fixed blocks),
+    remote_copies: distinct (token, other device) pairs; the rows of an all_to_all that sends a
+      token once per device and fans it out there, as DeepSeek-V3's node-limited dispatch does,
+    max_devices: the most devices one token's slots reach, its own device included when used;
+  group-limited routing (one expert group per device) bounds max_devices by top_groups.
+  """
+  num_tokens = expert_index.shape[0]
+  if num_tokens % num_devices or num_experts % num_devices:
+    raise ValueError(f'tokens T={num_tokens} and num_experts={num_experts} must split evenly over '
+                     f'num_devices={num_devices}')
+  filled = expert_index >= 0
+  token_device = (jnp.arange(num_tokens) // (num_tokens // num_devices))[:, None]  # [T, 1]
+  expert_device = jnp.where(filled, expert_index // (num_experts // num_devices), -1)  # [T, K]
+  reached = jnp.any(expert_device[:, :, None] == jnp.arange(num_devices), axis=1)  # [T, n]
+  remote = reached & (jnp.arange(num_devices) != token_device)
+  return dict(
+      remote_slots=jnp.sum(filled & (expert_device != token_device)).astype(jnp.int32),
+      remote_copies=jnp.sum(remote).astype(jnp.int32),
+      max_devices=jnp.max(jnp.sum(reached, axis=1)).astype(jnp.int32))
+
+
 def context_expert_axis(axis: str = 'expert') -> str | None:
   """`axis` if the mesh in context (`sharding.mesh_context`) splits it over > 1 devices, else None.
 

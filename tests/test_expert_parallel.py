@@ -15,6 +15,7 @@ from moejax import expert_parallel
 from moejax import experts as experts_lib
 from moejax import model as model_lib
 from moejax import precision
+from moejax import routing as routing_lib
 from moejax import sharding
 from moejax.moe import MoE
 from moejax.routing import Routing
@@ -151,10 +152,15 @@ class MoELayerTest(parameterized.TestCase):
       ('ragged_d2e4', 'ragged', 'top_k', 'd2e4'),
       ('capacity_aux_free_f2e2m2', 'capacity', 'aux_free', 'f2e2m2'),
       ('ragged_expert_choice_e8', 'ragged', 'expert_choice', 'e8'),
+      # Expert choice picks within each sequence (the capacity group), which stays on one device.
+      ('capacity_expert_choice_e8', 'capacity', 'expert_choice', 'e8'),
+      ('capacity_score_group_limited_e4', 'capacity', 'top_k', 'e4',
+       dict(capacity_priority='score', num_expert_groups=4, top_groups=2)),
   )
-  def test_matches_single_device(self, dispatch, router, mesh_name):
+  def test_matches_single_device(self, dispatch, router, mesh_name, fields=None):
     layer = dict(num_experts=E, top_k=K, d_ff=F, dispatch=dispatch, router=router,
-                 capacity_factor=1.0, num_shared_experts=1, aux_free_bias_rate=0.1)
+                 capacity_factor=1.0, num_shared_experts=1, aux_free_bias_rate=0.1,
+                 **(fields or {}))
     x = np.random.default_rng(1).standard_normal((B, S, D), np.float32)
     boxed, variables = random_variables(MoE(**layer), x, seed=2)
 
@@ -272,6 +278,31 @@ class ErrorTest(parameterized.TestCase):
     # e8 leaves B·S / 8 = 8 tokens per device.
     with self.assertRaisesRegex(ValueError, rf'group_size={group_size} .* 8 tokens per device'):
       self._call('e8', name='capacity', group_size=group_size)
+
+
+class SlotTrafficTest(parameterized.TestCase):
+
+  def test_matches_numpy_and_group_limits_bound_the_devices(self):
+    # 64 tokens and 16 experts on 8 devices: 8 tokens and 2 experts (one expert group) each.
+    x = np.random.default_rng(0).standard_normal((64, D), np.float32)
+    kernel = np.random.default_rng(1).standard_normal((D, 16)).astype(np.float32)
+    for top_groups in (8, 2):
+      router = routing_lib.TopKRouter(16, 4, num_expert_groups=8, top_groups=top_groups)
+      index = np.array(router.apply({'params': {'kernel': kernel}}, x).expert_index)
+      index[3, 1] = -1  # an empty slot travels nowhere
+      traffic = jax.jit(functools.partial(expert_parallel.slot_traffic, num_experts=16,
+                                          num_devices=8))(index)
+      token_device = np.arange(64)[:, None] // 8
+      expert_device = np.where(index >= 0, index // 2, -1)
+      remote = (index >= 0) & (expert_device != token_device)
+      copies = [set(row[r]) for row, r in zip(expert_device, remote)]
+      reached = [len(set(row[row >= 0])) for row in expert_device]
+      self.assertEqual(int(traffic['remote_slots']), remote.sum())
+      self.assertEqual(int(traffic['remote_copies']), sum(len(c) for c in copies))
+      self.assertEqual(int(traffic['max_devices']), max(reached))
+      self.assertLessEqual(int(traffic['max_devices']), top_groups)
+      if top_groups == 8:  # unlimited, some token reaches more devices than the limit allows
+        self.assertGreater(max(reached), 2)
 
 
 if __name__ == '__main__':
