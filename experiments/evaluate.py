@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 
 from moejax import train
+from moejax import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
 
@@ -21,7 +22,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
-  config = train.load_config(_WORKDIR.value)
+  config = workdir_lib.load_config(_WORKDIR.value)
   print(json.dumps(train.evaluate(config, _WORKDIR.value), indent=2))
 
 

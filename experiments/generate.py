@@ -11,7 +11,7 @@ from absl import logging
 from moejax import generate
 from moejax import model as model_lib
 from moejax import precision
-from moejax import train
+from moejax import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue; empty starts a new document.')
@@ -26,7 +26,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
-  config, params, model_state = train.restore_params(_WORKDIR.value)
+  config, params, model_state = workdir_lib.restore_params(_WORKDIR.value)
   model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
   print(generate.sample_text(model, params, _PROMPT.value, _NUM_TOKENS.value, seed=_SEED.value,
                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value,

@@ -10,12 +10,18 @@ Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames 
 directory holds `commit_success.txt`. Only steps with that marker count here (`latest_step`, `restore`), so a run
 killed mid-save resumes from the previous complete checkpoint; leftovers of such a save are removed when a
 Checkpointer opens the directory.
+
+Damage: `restore_latest` walks back from the newest complete step to the newest one that restores completely
+(a truncated array file, a lost `_METADATA`), warning about each step it passes over and deleting nothing. A
+step whose saved shapes or dtypes do not fit the target is not damage: that raises `CheckpointMismatch`.
+A background save that fails (full disk, permissions) raises `SaveError` at the next `save`, `check` or `wait`.
 """
 import os
 import shutil
 import signal
 import threading
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -24,6 +30,62 @@ from orbax.checkpoint import checkpoint_managers
 
 COMMIT_MARKER = 'commit_success.txt'
 _ITEM = 'state'
+
+
+class CheckpointMismatch(ValueError):
+  """A complete checkpoint whose saved leaves do not fit the state it was asked to restore into.
+
+  step: the step checked. leaves: one line per leaf that does not fit, in the target's order.
+  """
+
+  def __init__(self, step, directory, leaves):
+    self.step, self.directory, self.leaves = step, directory, leaves
+    super().__init__(f'the checkpoint at step {step} in {directory} does not fit: {"; ".join(leaves[:3])}'
+                     f'{" ..." if len(leaves) > 3 else ""}')
+
+
+class SaveError(RuntimeError):
+  """A save that did not complete; the message names the step directory and the error."""
+
+
+def leaf_name(path):
+  """A key path as orbax names the saved array: `opt_state.1.mu.embedding`."""
+  parts = []
+  for key in path:
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+    else:
+      parts.append(str(key))
+  return '.'.join(parts)
+
+
+def _describe(leaf):
+  return f'{list(leaf.shape)} {np.dtype(leaf.dtype).name}'
+
+
+def _as_stored(leaf):
+  """Typed PRNG keys (key<fry>) are stored as their uint32 key data."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return jax.eval_shape(jax.random.key_data, leaf)
+  return leaf
+
+
+def mismatched_leaves(abstract_state, saved):
+  """Lines naming each leaf of `abstract_state` that `saved` ({name: leaf with shape and dtype}) lacks or
+  stores with another shape or dtype, then each saved leaf the state lacks; [] when everything fits."""
+  wanted = {leaf_name(path): _as_stored(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  lines = []
+  for name, leaf in wanted.items():
+    if name not in saved:
+      lines.append(f'{name} {_describe(leaf)} is not in the checkpoint')
+    elif _describe(saved[name]) != _describe(leaf):
+      lines.append(f'{name} is {_describe(saved[name])} in the checkpoint, {_describe(leaf)} here')
+  lines.extend(f'{name} {_describe(leaf)} is in the checkpoint only' for name, leaf in saved.items()
+               if name not in wanted)
+  return lines
 
 
 class Checkpointer:
@@ -47,6 +109,7 @@ class Checkpointer:
     self.keep_best = keep_best
     self.best_metric = best_metric
     self.read_only = read_only
+    self._saving = None  # the step of the latest save, named when a background save fails
     if read_only and not os.path.isdir(self.directory):
       raise ValueError(f'Checkpointer: no checkpoint directory {self.directory}')
     if not read_only:
@@ -124,8 +187,26 @@ class Checkpointer:
       if self.keep_best and self.best_metric not in metrics:
         raise ValueError(f'Checkpointer.save: metrics {sorted(metrics)} lack {self.best_metric!r}, which '
                          'keep_best ranks checkpoints by')
-    return self._manager.save(step, args=ocp.args.Composite(**{_ITEM: ocp.args.StandardSave(state)}),
-                              metrics=metrics, force=force)
+    self.check()
+    self._saving = step
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(**{_ITEM: ocp.args.StandardSave(state)}),
+                                metrics=metrics, force=force)
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._save_error(step, error) from error
+
+  def _save_error(self, step, error):
+    message = str(error).strip().splitlines()
+    return SaveError(f'saving step {step} to {os.path.join(self.directory, str(step))} failed: '
+                     f'{type(error).__name__}: {message[-1] if message else ""}; the earlier checkpoints '
+                     f'{self.all_steps()} are intact')
+
+  def check(self):
+    """Raises SaveError if a background save has failed since the last check."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._save_error(self._saving, error) from error
 
   def restore(self, step, abstract_state):
     """The state saved at `step`, laid out like `abstract_state`.
@@ -163,12 +244,66 @@ class Checkpointer:
                        f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
     return restored
 
+  def saved_tree(self, step):
+    """The tree saved at `step` as nested dicts and lists of array metadata (.shape, .dtype); reads no
+    array."""
+    self._check_committed(step)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+      return reader.metadata(os.path.join(self.directory, str(step), _ITEM)).item_metadata.tree
+
   def restore_latest(self, abstract_state):
-    """(step, state) of the newest complete checkpoint, or (None, None) when there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None, None
-    return step, self.restore(step, abstract_state)
+    """(step, state) of the newest complete checkpoint that restores completely, or (None, None) when the
+    directory holds no complete checkpoint.
+
+    Walks back over damaged steps (warning about each; nothing is deleted). Raises CheckpointMismatch when
+    the newest readable step does not fit `abstract_state`, and ValueError naming the directory when no
+    step restores.
+    """
+    def restore(step, saved):
+      saved = {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+      mismatched = mismatched_leaves(abstract_state, saved)
+      if mismatched:
+        raise CheckpointMismatch(step, self.directory, mismatched)
+      return self.restore(step, abstract_state)
+    return self._walk_back(restore)
+
+  def restore_latest_fields(self, names, sharding):
+    """(step, {name: subtree}) of top-level fields `names` of the newest checkpoint that restores, each
+    array placed with `sharding`, in the structure, shapes and dtypes saved; (None, None) without one."""
+    def restore(step, saved):
+      fields = {name: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                                   saved[name]) for name in names}
+      # orbax cannot restore an empty subtree (a model without router state): it is empty anyway.
+      restored = self.restore_fields(step, {k: v for k, v in fields.items() if jax.tree.leaves(v)})
+      return {name: restored.get(name, fields[name]) for name in names}
+    return self._walk_back(restore)
+
+  def _walk_back(self, restore):
+    """restore(step, saved tree) at the newest step where it succeeds; see restore_latest."""
+    skipped = []
+    for step in reversed(self.all_steps()):
+      try:
+        saved = self.saved_tree(step)
+      except Exception as error:  # pylint: disable=broad-except
+        skipped.append(self._skip(step, 'its metadata does not read', error))
+        continue
+      try:
+        return step, restore(step, saved)
+      except CheckpointMismatch:
+        raise
+      except Exception as error:  # pylint: disable=broad-except
+        skipped.append(self._skip(step, 'it does not restore', error))
+    if skipped:
+      raise ValueError(f'no checkpoint in {self.directory} restores completely ({"; ".join(skipped)}); '
+                       'move the directory away to start again')
+    return None, None
+
+  def _skip(self, step, what, error):
+    lines = str(error).strip().splitlines()
+    reason = f'step {step}: {what} ({type(error).__name__}: {lines[0][:200] if lines else ""})'
+    logging.warning('Skipping the checkpoint at %s/%d: %s; trying the step before it (nothing deleted)',
+                    self.directory, step, reason)
+    return reason
 
   def metrics(self, step):
     """The metrics saved with `step`, or None."""
@@ -179,12 +314,20 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self):
-    """Blocks until in-flight async saves are complete."""
-    self._manager.wait_until_finished()
+    """Blocks until in-flight async saves are complete; raises SaveError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._save_error(self._saving, error) from error
+    self.check()
 
   def close(self):
-    """Waits for in-flight saves and releases orbax's threads."""
-    self._manager.wait_until_finished()
+    """Waits for in-flight saves and releases orbax's threads (a failed save is logged here: `wait` is
+    the call that reports it)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.error('%s', self._save_error(self._saving, error))
     self._manager.close()
 
 

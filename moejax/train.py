@@ -15,9 +15,7 @@ line, eval, checkpoint; moejax.periodic). It resumes from the latest checkpoint 
 `workdir/checkpoints`; the data are a pure function of (seed, step), so a resumed run sees the
 same batches as an uninterrupted one and, on the same devices, reproduces it bit for bit.
 """
-import json
 import math
-import os
 import signal
 import threading
 from typing import Any, Callable, NamedTuple
@@ -41,14 +39,9 @@ from moejax import objective as objective_lib
 from moejax import periodic
 from moejax import precision
 from moejax import sharding
+from moejax import workdir as workdir_lib
 
 PyTree = Any
-
-# model.* keys that change parameter shapes or names: a workdir trained with other values cannot
-# be resumed (the checkpoint would not fit the model).
-SHAPE_KEYS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'ffn', 'moe_every',
-              'first_dense_layers', 'tie_embeddings', 'moe.num_experts', 'moe.d_ff',
-              'moe.num_shared_experts', 'moe.router', 'moe.activation')
 
 
 @flax.struct.dataclass
@@ -302,48 +295,6 @@ def run_eval(eval_step, state: TrainState, batches: list[jax.Array], bytes_per_t
 
 
 # ---------------------------------------------------------------------------------------------
-# Workdir config.
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run wrote to `workdir/config.json` (JSON lists of mesh rules back to tuples)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ValueError(f'{path} does not exist: --workdir must be a training workdir')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.rules = tuple(
-      (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
-  return config
-
-
-def _nested_get(tree: dict, dotted: str):
-  for key in dotted.split('.'):
-    tree = tree[key]
-  return tree
-
-
-def _write_or_check_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool):
-  """Refuses to resume a workdir trained with other model shapes; then records `config`."""
-  path = os.path.join(workdir, 'config.json')
-  new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    diffs = [f'model.{key}: {_nested_get(old["model"], key)!r} -> {_nested_get(new["model"], key)!r}'
-             for key in SHAPE_KEYS
-             if _nested_get(old['model'], key) != _nested_get(new['model'], key)]
-    if diffs:
-      raise ValueError(f'{workdir} holds a run with a different model ({"; ".join(diffs)}); '
-                       'use a new --workdir or the old model config')
-  if is_main:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(new, f, indent=2)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Building an experiment (shared by training, evaluation and restore_params).
 
 
@@ -520,19 +471,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   and `eval_perplexity` of the final parameters. SIGTERM saves a checkpoint at the step reached
   and returns normally.
   """
-  # --- Setup -----------------------------------------------------------------------------------
+  # --- Setup: every check before anything is written ------------------------------------------
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  _write_or_check_config(config, workdir, is_main)
-  num_steps = config.train.num_steps
-  exp = _build_experiment(config)
+  exp = _build_experiment(config)  # checks the mesh and the data paths
   mesh, rules = exp.mesh, exp.rules
+  num_steps = config.train.num_steps
 
-  # --- Restore or initialise -------------------------------------------------------------------
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     keep=config.train.keep_checkpoints)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  # --- Lock, then restore (checks the config against the checkpoint), then write --------------
+  # One process takes the lock: on a shared filesystem the others would contend with it.
+  lock = workdir_lib.WorkdirLock(workdir) if is_main else None
+  try:
+    step, state = workdir_lib.restore_for_training(workdir, config, exp.abstract_state)
+    if is_main:
+      workdir_lib.record_config(workdir, config, step or 0)
+      lock.record_holder()
+    ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir),
+                                       keep=config.train.keep_checkpoints)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
   # Preemption: a single process catches SIGTERM itself (from the main thread, the only one
   # allowed to; the previous handler comes back when the run ends). Several processes rely on
   # jax's preemption sync through `ckpt.reached_preemption`, so that all stop at the same step.
@@ -540,7 +500,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    and jax.process_count() == 1)
   previous_handler = signal.getsignal(signal.SIGTERM) if catch_sigterm else None
   try:
-    step, state = ckpt.restore_latest(exp.abstract_state)
     with sharding.mesh_context(mesh, rules):
       if state is None:
         step = 0
@@ -602,11 +561,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _restore_sigterm_handler(previous_handler)
     writer.close()
     ckpt.close()
+    if lock is not None:
+      lock.release()
   return {**results['train'], **results['eval'], 'step': step}
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation and parameter restore for other scripts.
+# Evaluation for other scripts (moejax.workdir restores parameters).
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -617,41 +578,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   """
   validate_config(config)
   exp = _build_experiment(config)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  directory = workdir_lib.checkpoint_dir(workdir)
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
     step, state = ckpt.restore_latest(exp.abstract_state)
   finally:
     ckpt.close()
   if state is None:
-    raise ValueError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
+    raise ValueError(f'no checkpoint in {directory}')
   with sharding.mesh_context(exp.mesh, exp.rules):
     eval_step = jax.jit(make_eval_step(exp.model),
                         in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
     return {'step': step,
             **run_eval(eval_step, state, exp.eval_batches, exp.ds.bytes_per_token)}
 
-
-def restore_params(workdir: str) -> tuple[ml_collections.ConfigDict, PyTree, PyTree]:
-  """(config, params, model_state) of the latest checkpoint in `workdir`, on the first device.
-
-  For sampling and analysis; `build_model(config.model, get_policy(config.precision.policy))`
-  gives the matching model.
-  """
-  config = load_config(workdir)
-  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
-  tx, _ = make_optimizer(config)
-  boxed = jax.eval_shape(make_init_fn(config, model, tx), jax.random.PRNGKey(config.seed))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nn.unbox(boxed))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ValueError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
-    # Not the optimizer state: on one device it would take twice the parameters' memory again.
-    fields = ckpt.restore_fields(step, {'params': abstract.params,
-                                        'model_state': abstract.model_state})
-  finally:
-    ckpt.close()
-  return config, fields['params'], fields['model_state']

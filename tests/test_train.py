@@ -26,6 +26,7 @@ from moejax import model as model_lib
 from moejax import objective as objective_lib
 from moejax import precision
 from moejax import train
+from moejax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ('step_time', 'tokens_per_s', 'mfu', 'flops_per_step')
@@ -283,11 +284,11 @@ def test_resume_is_bitwise_identical_and_evaluate_reproduces_the_eval_loss(tmp_p
     shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
   assert train.train_and_evaluate(config, resumed)['step'] == 12
   assert without_timing(read_lines(resumed)) == without_timing(lines)
-  _, full_params, _ = train.restore_params(full)
-  _, resumed_params, _ = train.restore_params(resumed)
+  _, full_params, _ = workdir_lib.restore_params(full)
+  _, resumed_params, _ = workdir_lib.restore_params(resumed)
   chex.assert_trees_all_equal(resumed_params, full_params)
 
-  evaluated = train.evaluate(train.load_config(full), full)
+  evaluated = train.evaluate(workdir_lib.load_config(full), full)
   assert evaluated['step'] == 12
   assert evaluated['eval_loss'] == pytest.approx(eval_lines[-1]['eval_loss'], rel=1e-6)
 
@@ -306,14 +307,14 @@ def test_pure_bf16_with_stochastic_rounding_resumes_bitwise(tmp_path):
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))
   train.train_and_evaluate(config, resumed)
   assert without_timing(read_lines(resumed)) == without_timing(read_lines(full))
-  _, full_params, _ = train.restore_params(full)
-  _, resumed_params, _ = train.restore_params(resumed)
+  _, full_params, _ = workdir_lib.restore_params(full)
+  _, resumed_params, _ = workdir_lib.restore_params(resumed)
   chex.assert_trees_all_equal(resumed_params, full_params)
   assert {x.dtype for x in jax.tree.leaves(full_params)} == {jnp.dtype(jnp.bfloat16)}
   # The rounding is real: nearest rounding ends elsewhere.
   config.precision.stochastic_rounding = False
   train.train_and_evaluate(config, nearest)
-  _, nearest_params, _ = train.restore_params(nearest)
+  _, nearest_params, _ = workdir_lib.restore_params(nearest)
   assert any(not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
              for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(nearest_params)))
 
@@ -324,7 +325,7 @@ def test_restore_params_returns_the_checkpoints_params_and_router_state(tmp_path
   config.optim.warmup_steps = 1
   workdir = str(tmp_path / 'aux_free')
   train.train_and_evaluate(config, workdir)
-  restored_config, params, model_state = train.restore_params(workdir)
+  restored_config, params, model_state = workdir_lib.restore_params(workdir)
   assert restored_config.model.moe.router == 'aux_free'
   # The bias moved during training, so a fresh init would not match.
   _, _, _, fresh = single_device_state(config)
