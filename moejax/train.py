@@ -295,7 +295,7 @@ def run_eval(eval_step, state: TrainState, batches: list[jax.Array], bytes_per_t
 
 
 # ---------------------------------------------------------------------------------------------
-# Building an experiment (shared by training, evaluation and restore_params).
+# Building an experiment (shared by training and evaluation).
 
 
 class _Experiment(NamedTuple):
