@@ -4,8 +4,8 @@ Everywhere: 'xla' and 'blocked' match a float64 numpy reference for the forward 
 gradients, through `jax.grad` of a grouped SwiGLU ('hopper' and 'hopper_ws' would fall back to
 xla on these float32 operands, so they are not run again under their names; their fallback has
 its own test). GPU-only (sm90, the `Gpu*` tests): both Mosaic-GPU kernel families match
-`jax.lax.ragged_dot` in bf16 to a relative error < 1e-2. The warp-specialized kernels also run on CPU under the Mosaic-GPU interpreter
-(tests/test_hopper_ws.py).
+`jax.lax.ragged_dot` in bf16 to a relative error < 1e-2. The warp-specialized kernels also run
+on CPU under the Mosaic-GPU interpreter (tests/test_hopper_ws.py).
 """
 from absl.testing import parameterized
 import chex

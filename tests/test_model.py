@@ -215,7 +215,7 @@ class ModelTest(parameterized.TestCase):
 
   @pytest.mark.gpu
   @pytest.mark.skipif(jax.default_backend() != 'gpu',
-                      reason='GPU-only test: cuDNN attention needs an NVIDIA GPU, skipped elsewhere')
+                      reason='GPU-only test: cuDNN attention needs an NVIDIA GPU')
   def test_gpu_cudnn_attention_matches_xla(self):
     # head_dim 64, bf16: the shapes cuDNN's flash attention serves.
     config = dict(d_model=256, num_heads=4, max_seq_len=128)

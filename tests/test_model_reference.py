@@ -1,4 +1,4 @@
-"""The Transformer and its objective against independent float64 references (tests/numpy_reference.py).
+"""The Transformer and its objective against independent float64 references (numpy_reference.py).
 
 Shapes: B batch, S seq, D d_model, H heads, N head_dim, V vocab.
 

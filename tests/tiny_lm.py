@@ -105,7 +105,7 @@ def train_state(config, params, tx):
 
 
 def jit_train_step(config, tx=None):
-  """(jitted step (state, batch) -> (state, metrics), tx) for `config` (its own AdamW if tx is None)."""
+  """(jitted step (state, batch) -> (state, metrics), tx) for `config`; tx defaults to its AdamW."""
   model = build_model(config)
   own_tx, schedule = train.make_optimizer(config)
   tx = tx or own_tx
