@@ -4,30 +4,22 @@ Shapes: B batch, S seq, V vocab.
 
 `tiny_config` is the moe_tiny smoke config shrunk further: layer 0 a dense SwiGLU FFN, layer 1 an
 MoE layer (4 experts, top-2, dropless), so one model holds every piece of maths the references
-recompute. `given_params` fills the model's parameter tree from numpy (float64 copies for the
-references, float32 for the model); norm scales are not all ones, so a dropped scale shows.
+recompute. `given_params` fills the model's parameter tree from numpy (float64; the tests cast
+them to the model's dtype); norm scales are not all ones, so a dropped scale shows.
 """
-import importlib.util
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import config_files
 from moejax import model as model_lib
 from moejax import precision
 from moejax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def experiment_config(name='moe_tiny', arg='smoke'):
-  path = os.path.join(REPO, 'experiments', 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'{name}_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.get_config(name, arg)
 
 
 def tiny_config(vocab_size=40, seq_len=8, batch_size=2, policy='fp32', router='top_k'):
