@@ -182,6 +182,7 @@ class Block(nn.Module):
   """Pre-norm block: attention, then a dense or MoE FFN. [B, S, D] -> ([B, S, D], aux)."""
   config: ml_collections.FrozenConfigDict
   use_moe: bool
+  expert_quantization: str = ''
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -206,6 +207,7 @@ class Block(nn.Module):
           jitter_noise=m.jitter_noise,
           activation=m.activation, gmm_impl=m.gmm_impl,
           aux_free_bias_rate=m.aux_free_bias_rate, router_dtype=jnp.dtype(m.router_dtype),
+          expert_quantization=self.expert_quantization,
           # Expert parallel exactly when traced under a mesh that splits the 'expert' axis.
           expert_axis=expert_parallel.context_expert_axis(), name='ffn', **dtypes)
       y, aux = ffn(h, train=train)
@@ -224,6 +226,7 @@ class TransformerLM(nn.Module):
   without MoE layers); `expert_fraction` [L_moe, E] (shape [0, 1] without MoE layers).
   """
   config: ml_collections.FrozenConfigDict  # the `model` section of an experiment config
+  expert_quantization: str = ''  # of the routed experts: '' | 'int8' | 'int8_qat' (moejax.int8)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -248,7 +251,7 @@ class TransformerLM(nn.Module):
     moe_aux = []
     for layer in range(cfg.num_layers):
       use_moe = is_moe_layer(cfg, layer)
-      block = block_cls(cfg, use_moe, name=f'layer_{layer}', **dtypes)
+      block = block_cls(cfg, use_moe, self.expert_quantization, name=f'layer_{layer}', **dtypes)
       x, aux = block(x, train, decode)
       if use_moe:
         moe_aux.append(aux)
@@ -280,14 +283,18 @@ def _combine_aux(moe_aux, moe_config):
               **{key: jnp.mean(stacked[key]) for key in AUX_MEAN_KEYS})
 
 
-def build_model(model_config, policy):
+def build_model(model_config, policy, expert_quantization=''):
   """TransformerLM from the `config.model` ConfigDict and a precision `Policy`.
+
+  `expert_quantization`: '' float experts; 'int8' int8 expert weights (inference, params from
+  `int8.quantize_expert_params`); 'int8_qat' quantisation-aware training (`precision.int8_training`).
 
   MoE layers run expert parallel when traced inside `sharding.mesh_context` with a mesh whose
   'expert' axis has more than one device (see moejax.expert_parallel).
   """
   validate_config(model_config)
   return TransformerLM(ml_collections.FrozenConfigDict(model_config),
+                       expert_quantization=expert_quantization,
                        dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
 
 

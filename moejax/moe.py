@@ -71,6 +71,7 @@ class MoE(nn.Module):
     aux_free_bias_rate: bias step of the 'aux_free' router.
     expert_axis: mesh axis the experts are split over (expert parallelism, see
       moejax/expert_parallel.py; needs `sharding.mesh_context`); None = all experts on every device.
+    expert_quantization: '' | 'int8' (int8 weights, inference) | 'int8_qat' (see moejax.int8).
     router_dtype: compute dtype of the router's matmul and softmax; float32 (the default, ST-MoE's
       selective precision) whatever `dtype` is; bfloat16 only for the ablation that shows why.
     dtype: compute dtype of the experts; param_dtype: dtype of all params.
@@ -92,6 +93,7 @@ class MoE(nn.Module):
   gmm_impl: str = 'auto'
   aux_free_bias_rate: float = 1e-3
   expert_axis: str | None = None
+  expert_quantization: str = ''
   router_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -161,13 +163,17 @@ class MoE(nn.Module):
         bias_rate=self.aux_free_bias_rate, param_dtype=self.param_dtype,
         dtype=self.router_dtype)(tokens, train=train)
     experts = experts_lib.Experts(self.num_experts, self.d_ff, self.activation, self.gmm_impl,
-                                  self.dtype, self.param_dtype, name='experts')
+                                  quantization=self.expert_quantization, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name='experts')
     dispatch_args = dict(num_experts=self.num_experts, top_k=self.top_k,
                          capacity_factor=self.capacity_factor, group_size=group_size,
                          capacity_priority=self.capacity_priority)
     if self.expert_axis is None or self.is_initializing():
       y, dropped = dispatch_lib.dispatch(self.dispatch, tokens.astype(self.dtype), routing,
                                          experts, **dispatch_args)
+    elif self.expert_quantization:
+      raise ValueError(f'expert_quantization={self.expert_quantization!r} is not implemented with '
+                       f'expert parallelism (expert_axis={self.expert_axis!r})')
     else:
       y, dropped = expert_parallel.dispatch(
           self.dispatch, tokens.astype(self.dtype), routing, self.variables['params']['experts'],

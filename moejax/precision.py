@@ -41,6 +41,21 @@ POLICIES = {
 }
 
 
+# Inference compute dtypes (`evaluate.py`/`generate.py --precision`), whatever the run trained with.
+INFERENCE_DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16, 'fp16': jnp.float16}
+
+
+def inference_policy(train_policy: str, name: str = '') -> tuple[str, Policy]:
+  """(name, Policy) computing in INFERENCE_DTYPES[name] on the params as trained under
+  `train_policy`; name '' keeps the run's compute dtype (and names it)."""
+  policy = get_policy(train_policy)
+  if not name:
+    name = {jnp.dtype(v): k for k, v in INFERENCE_DTYPES.items()}[jnp.dtype(policy.compute_dtype)]
+  if name not in INFERENCE_DTYPES:
+    raise ValueError(f'--precision={name!r}; allowed values: {sorted(INFERENCE_DTYPES)}')
+  return name, Policy(policy.param_dtype, jnp.dtype(INFERENCE_DTYPES[name]))
+
+
 def _check_policy_name(name: str):
   if name not in POLICIES:
     raise ValueError(f'precision.policy={name!r}; allowed values: {sorted(POLICIES)}')

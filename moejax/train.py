@@ -32,6 +32,7 @@ import optax
 from moejax import checkpoint as checkpoint_lib
 from moejax import data as data_lib
 from moejax import expert_parallel
+from moejax import int8
 from moejax import memory
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
@@ -97,6 +98,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   precision.get_policy(prec.policy)
   precision.optimizer_state_dtypes(prec.policy, prec.mu_dtype, prec.nu_dtype)
   precision.loss_scale_for(prec.policy, prec.loss_scale_init, prec.loss_scale_period)
+  _require(not (prec.int8_training and config.model.ffn != 'moe'), 'precision.int8_training',
+           prec.int8_training, "False for dense models (it quantises the experts' matmuls)")
   model_lib.validate_config(config.model)
 
 
@@ -322,7 +325,8 @@ def _build_experiment(config: ml_collections.ConfigDict) -> _Experiment:
   rules = sharding.logical_rules(config.mesh)
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   eval_batches = _eval_batches(ds, config, mesh, rules)
-  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
+  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy),
+                                'int8_qat' if config.precision.int8_training else '')
   tx, schedule = make_optimizer(config)
   init_fn = make_init_fn(config, model, tx)
   rng = jax.random.PRNGKey(config.seed)
@@ -570,13 +574,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 # Evaluation for other scripts (moejax.workdir restores parameters).
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, precision_name: str = '',
+             quantize: str = '') -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir` on the validation batches training used.
 
-  Returns step, eval_loss, eval_bits_per_byte, eval_perplexity; on the same mesh this reproduces
-  the eval line training logged at that step.
+  Returns step, eval_loss, eval_bits_per_byte, eval_perplexity, `precision` (the compute dtype:
+  `precision_name` 'fp32' | 'bf16' | 'fp16', or the run's own when empty), `quantize` ('none' or
+  'int8': expert weights stored int8, see moejax.int8) and `expert_weight_bytes` (the routed
+  experts' weights as evaluated, int8 scales included). Without overrides, on the same mesh, this
+  reproduces the eval line training logged at that step.
   """
   validate_config(config)
+  if quantize not in ('', 'none', 'int8'):
+    raise ValueError(f"--quantize={quantize!r}; allowed values: 'none', 'int8'")
+  quantize = 'int8' if quantize == 'int8' else ''
+  name, policy = precision.inference_policy(config.precision.policy, precision_name)
   exp = _build_experiment(config)
   directory = workdir_lib.checkpoint_dir(workdir)
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
@@ -587,8 +599,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   if state is None:
     raise ValueError(f'no checkpoint in {directory}')
   with sharding.mesh_context(exp.mesh, exp.rules):
-    eval_step = jax.jit(make_eval_step(exp.model),
-                        in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
+    if precision_name or quantize:
+      model = model_lib.build_model(config.model, policy, quantize)
+      if quantize:
+        state = state.replace(params=int8.quantize_expert_params(state.params))
+      eval_step = jax.jit(make_eval_step(model))  # the arrays' own shardings
+    else:
+      eval_step = jax.jit(make_eval_step(exp.model),
+                          in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
     return {'step': step,
-            **run_eval(eval_step, state, exp.eval_batches, exp.ds.bytes_per_token)}
+            **run_eval(eval_step, state, exp.eval_batches, exp.ds.bytes_per_token),
+            'precision': name, 'quantize': quantize or 'none',
+            'expert_weight_bytes': memory.expert_weight_bytes(state.params)}
 

@@ -1,5 +1,4 @@
 """Tests for moejax/memory.py: counts and bytes from the real pytrees, and the run's first line."""
-import importlib.util
 import json
 import os
 
@@ -9,20 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import config_files
 from moejax import memory
 from moejax import model as model_lib
 from moejax import precision
 from moejax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config():
-  path = os.path.join(REPO, 'experiments', 'configs', 'moe_tiny.py')
-  spec = importlib.util.spec_from_file_location('moe_tiny_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('smoke')
+  return config_files.get_config('moe_tiny:smoke')
 
 
 def abstract_state(config):

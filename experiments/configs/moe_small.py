@@ -99,6 +99,7 @@ def get_config(arg=None):
       loss_scale_init=2.0**15,
       loss_scale_period=2000,
       stochastic_rounding=True,  # bf16/fp16 params only: unbiased rounding of every update
+      int8_training=False,       # int8 quantisation-aware training of the expert matmuls
   ))
 
   config.mesh = common.mesh()
