@@ -16,9 +16,20 @@ Three corpora, chosen by `data.corpus`:
 `val_fraction`, so the split does not depend on how many files there are or the order they are listed in.
 Documents are byte-tokenized and each one is followed by the end-of-document token.
 
+Domains: `data.include` (comma-separated globs such as 'asyncio/**,email/**', matched with fnmatch against the
+relative POSIX paths above, '' = every file) keeps only the matching files of 'stdlib' and 'text', in both
+splits, so a branch can specialise on a domain and be scored on that domain's validation files. The standard
+library's top-level packages are natural domains (Branch-Train-Merge, Li et al. 2022, found that branches need
+domain splits; random splits do not help).
+
+Selection split: `data.selection_fraction` > 0 moves that share of the training files (by a second hash of the
+path) into a split that training never sees, for choices made after training such as the greedy soup's
+(moejax.merge); the validation split stays untouched for reporting.
+
 Batches are pure functions of (seed, step): no iterator state, so resuming a run needs nothing from here.
 """
 import dataclasses
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -64,11 +75,36 @@ def stdlib_files(root=None):
   return sorted(paths)
 
 
+def _path_draw(relative_path, salt=''):
+  key = (salt + relative_path.replace(os.sep, '/')).encode('utf-8')
+  return int.from_bytes(hashlib.sha256(key).digest()[:8], 'little') / 2.0**64
+
+
 def is_validation_file(relative_path, val_fraction):
   """Whether a file belongs to the validation split: a hash of its relative POSIX path below val_fraction."""
-  key = relative_path.replace(os.sep, '/').encode('utf-8')
-  draw = int.from_bytes(hashlib.sha256(key).digest()[:8], 'little') / 2.0**64
-  return draw < val_fraction
+  return _path_draw(relative_path) < val_fraction
+
+
+def is_selection_file(relative_path, selection_fraction):
+  """Whether a training file is held out as the selection split: a second, independent hash of its path."""
+  return _path_draw(relative_path, salt='selection:') < selection_fraction
+
+
+def _include_patterns(include_field):
+  return tuple(p.strip() for p in include_field.split(',') if p.strip())
+
+
+def _filter_included(named_paths, include_field, source):
+  """[(path, relative path)] restricted to the relative paths matching a `data.include` glob ('' = all)."""
+  patterns = _include_patterns(include_field)
+  if not patterns:
+    return named_paths
+  kept = [(p, rel) for p, rel in named_paths
+          if any(fnmatch.fnmatchcase(rel.replace(os.sep, '/'), pattern) for pattern in patterns)]
+  if not kept:
+    raise ValueError(f'data.include={include_field!r} matches none of the {len(named_paths)} files of {source} '
+                     "(patterns match paths relative to the corpus root, e.g. 'asyncio/**')")
+  return kept
 
 
 def _glob_root(pattern):
@@ -104,39 +140,47 @@ def _expand_globs(paths_field):
 
 def _join_documents(paths):
   """Byte-tokenize files and join them, each followed by EOD, into one uint16 stream."""
+  if not paths:
+    return np.zeros(0, np.uint16)
   docs = [np.fromfile(p, dtype=np.uint8) for p in paths]
   ends = np.cumsum([len(d) for d in docs])
-  stream = np.concatenate(docs).astype(np.uint16) if docs else np.zeros(0, np.uint16)
-  return np.insert(stream, ends, EOD_ID)
+  return np.insert(np.concatenate(docs).astype(np.uint16), ends, EOD_ID)
 
 
-def _split_by_file(named_paths, val_fraction, source):
-  """[(path, relative path)] -> (train stream, val stream), split by hashing the relative paths."""
+def _split_by_file(named_paths, val_fraction, source, include='', selection_fraction=0.0):
+  """[(path, relative path)] -> (train, val, selection streams), split by hashing the relative paths."""
+  named_paths = _filter_included(named_paths, include, source)
   if sum(os.path.getsize(p) for p, _ in named_paths) == 0:
     raise ValueError(f'{source}: the corpus is empty (all {len(named_paths)} files have 0 bytes)')
-  train = [p for p, rel in named_paths if not is_validation_file(rel, val_fraction)]
   val = [p for p, rel in named_paths if is_validation_file(rel, val_fraction)]
+  rest = [(p, rel) for p, rel in named_paths if not is_validation_file(rel, val_fraction)]
+  selection = [p for p, rel in rest if is_selection_file(rel, selection_fraction)]
+  train = [p for p, rel in rest if not is_selection_file(rel, selection_fraction)]
+  if selection_fraction > 0 and not selection:
+    raise ValueError(f'data.selection_fraction={selection_fraction} puts none of the {len(rest)} training files '
+                     f'of {source} in the selection split; raise it or add files')
   if not val:
     raise ValueError(f'data.val_fraction={val_fraction} puts none of the {len(named_paths)} files of {source} in '
                      'the validation split; raise data.val_fraction or add files')
   if not train:
     raise ValueError(f'data.val_fraction={val_fraction} puts all {len(named_paths)} files of {source} in the '
                      'validation split; lower data.val_fraction or add files')
-  return _join_documents(train), _join_documents(val)
+  return _join_documents(train), _join_documents(val), _join_documents(selection)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_stdlib(root, val_fraction):
+@functools.lru_cache(maxsize=8)
+def _load_stdlib(root, val_fraction, include, selection_fraction):
   paths = stdlib_files(root)
   if not paths:
     raise ValueError(f"data.corpus='stdlib': no *.py files under the standard library at {root!r}")
   named = [(p, os.path.relpath(p, root)) for p in paths]
-  return _split_by_file(named, val_fraction, f'the standard library at {root!r}')
+  return _split_by_file(named, val_fraction, f'the standard library at {root!r}', include, selection_fraction)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_text(paths_field, val_fraction):
-  return _split_by_file(_expand_globs(paths_field), val_fraction, f'data.paths={paths_field!r}')
+@functools.lru_cache(maxsize=8)
+def _load_text(paths_field, val_fraction, include, selection_fraction):
+  return _split_by_file(_expand_globs(paths_field), val_fraction, f'data.paths={paths_field!r}', include,
+                        selection_fraction)
 
 
 @functools.lru_cache(maxsize=4)
@@ -174,6 +218,7 @@ class Dataset:
     batch_size: global train batch B.
     eval_batch_size: global eval batch.
     seed: seeds the train offsets together with the step.
+    selection_tokens: 1-D array, the selection split (empty unless data.selection_fraction > 0).
     bytes_per_token: bytes of text per token, for bits per byte. 1.0 for the byte-level corpora; for 'tokens'
       corpora the tokenizer is unknown here, so it is 1.0 too and "bits per byte" is then bits per token.
   """
@@ -184,6 +229,7 @@ class Dataset:
   eval_batch_size: int
   seed: int
   bytes_per_token: float = 1.0
+  selection_tokens: np.ndarray = dataclasses.field(repr=False, default_factory=lambda: np.zeros(0, np.uint16))
 
   def train_batch(self, step, process_index=0, process_count=1):
     """This process's rows of the global train batch of `step`: int32 [B / process_count, S+1].
@@ -204,13 +250,23 @@ class Dataset:
     Window j (counting rows across batches) is val_tokens[j·(S+1) : (j+1)·(S+1)], wrapping around to the start
     when the validation split holds fewer windows.
     """
+    return self._fixed_batches(self.val_tokens, num_batches, process_index, process_count)
+
+  def selection_batches(self, num_batches, process_index=0, process_count=1):
+    """Like `eval_batches`, from the selection split (held-out training files; see data.selection_fraction)."""
+    if len(self.selection_tokens) < self.seq_len + 1:
+      raise ValueError(f'the selection split holds {len(self.selection_tokens)} tokens, fewer than one window of '
+                       f'data.seq_len+1={self.seq_len + 1}; set data.selection_fraction > 0 (and train with it)')
+    return self._fixed_batches(self.selection_tokens, num_batches, process_index, process_count)
+
+  def _fixed_batches(self, tokens, num_batches, process_index, process_count):
     lo, hi = _process_rows(self.eval_batch_size, process_index, process_count, 'data.eval_batch_size')
     window = self.seq_len + 1
-    num_windows = len(self.val_tokens) // window
+    num_windows = len(tokens) // window
     batches = []
     for b in range(num_batches):
       rows = (b * self.eval_batch_size + np.arange(lo, hi)) % num_windows
-      batches.append(self._windows(self.val_tokens, rows * window))
+      batches.append(self._windows(tokens, rows * window))
     return batches
 
   def _windows(self, tokens, starts):
@@ -238,7 +294,8 @@ def make_dataset(data_config, seed, vocab_size):
   """The Dataset that `data_config` (the config's `data` section) describes.
 
   Args:
-    data_config: ConfigDict with corpus, paths, token_dtype, val_fraction, seq_len, batch_size, eval_batch_size.
+    data_config: ConfigDict with corpus, paths, token_dtype, val_fraction, include, selection_fraction, seq_len,
+      batch_size, eval_batch_size.
     seed: int, seeds the train batch offsets.
     vocab_size: the model's vocabulary size; every token id must be below it.
 
@@ -254,7 +311,14 @@ def make_dataset(data_config, seed, vocab_size):
   for field in ('seq_len', 'batch_size', 'eval_batch_size'):
     if data_config[field] < 1:
       raise ValueError(f'data.{field} must be >= 1, got {data_config[field]}')
+  include, selection_fraction = data_config.include, float(data_config.selection_fraction)
+  if not 0.0 <= selection_fraction < 1.0:
+    raise ValueError(f'data.selection_fraction must be in [0, 1), got {selection_fraction}')
+  selection = np.zeros(0, np.uint16)
   if corpus == 'tokens':
+    if _include_patterns(include) or selection_fraction:
+      raise ValueError("data.include and data.selection_fraction split corpora by file; data.corpus='tokens' "
+                       'has none (leave them empty and 0)')
     if data_config.token_dtype not in TOKEN_DTYPES:
       raise ValueError(f'data.token_dtype must be one of {TOKEN_DTYPES}, got {data_config.token_dtype!r}')
     train, val = _load_tokens(data_config.paths, data_config.token_dtype, val_fraction, vocab_size)
@@ -263,14 +327,15 @@ def make_dataset(data_config, seed, vocab_size):
       raise ValueError(f'model.vocab_size={vocab_size} is smaller than the byte tokenizer\'s {VOCAB_SIZE} '
                        f'(256 bytes + EOD) needed by data.corpus={corpus!r}')
     if corpus == 'stdlib':
-      train, val = _load_stdlib(stdlib_root(), val_fraction)
+      train, val, selection = _load_stdlib(stdlib_root(), val_fraction, include, selection_fraction)
     else:
-      train, val = _load_text(data_config.paths, val_fraction)
+      train, val, selection = _load_text(data_config.paths, val_fraction, include, selection_fraction)
   for name, tokens in (('train', train), ('validation', val)):
     if len(tokens) < data_config.seq_len + 1:
       raise ValueError(f'data.seq_len={data_config.seq_len}: a window of seq_len+1 tokens is longer than the '
                        f'{name} split of data.corpus={corpus!r} ({len(tokens)} tokens)')
     tokens.flags.writeable = False
+  selection.flags.writeable = False
   return Dataset(train_tokens=train, val_tokens=val, seq_len=int(data_config.seq_len),
                  batch_size=int(data_config.batch_size), eval_batch_size=int(data_config.eval_batch_size),
-                 seed=int(seed), bytes_per_token=1.0)
+                 seed=int(seed), bytes_per_token=1.0, selection_tokens=selection)

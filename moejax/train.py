@@ -16,6 +16,7 @@ line, eval, checkpoint; moejax.periodic). It resumes from the latest checkpoint 
 same batches as an uninterrupted one and, on the same devices, reproduces it bit for bit.
 """
 import math
+import os
 import signal
 import threading
 from typing import Any, Callable, NamedTuple
@@ -504,11 +505,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    and jax.process_count() == 1)
   previous_handler = signal.getsignal(signal.SIGTERM) if catch_sigterm else None
   try:
+    # A fresh run may start from another workdir's parameters (read outside the mesh: they come
+    # back on one device and are placed below).
+    init_from = (workdir_lib.restore_params(config.train.init_from)[1:]
+                 if state is None and config.train.init_from else None)
     with sharding.mesh_context(mesh, rules):
       if state is None:
         step = 0
         state = jax.jit(lambda r: nn.unbox(exp.init_fn(r)),
                         out_shardings=exp.state_shardings)(exp.rng)
+        if init_from is not None:
+          state = with_params(state, exp.state_shardings, *init_from,
+                              source=f'train.init_from={config.train.init_from!r}')
+          logging.info('Initialised the parameters from %s', config.train.init_from)
       else:
         logging.info('Resumed from the checkpoint at step %d', step)
       # A killed run may have logged steps past its last checkpoint; they are redone.
@@ -612,3 +621,64 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, precision_name: st
             'precision': name, 'quantize': quantize or 'none',
             'expert_weight_bytes': memory.expert_weight_bytes(state.params)}
 
+
+
+def with_params(state: TrainState, state_shardings: TrainState, params: PyTree,
+                model_state: PyTree, source: str) -> TrainState:
+  """`state` with `params` and `model_state` (placed like the state's own) in place of its own.
+
+  Keeps the fresh optimizer moments, step and rng: a run started from another model's
+  parameters (train.init_from, a merged workdir) trains with its own optimizer from step 0.
+  Raises ValueError naming the first parameter whose path or shape differs.
+  """
+  def check(name, want, got):
+    want_paths = dict(jax.tree_util.tree_leaves_with_path(want))
+    got_paths = dict(jax.tree_util.tree_leaves_with_path(got))
+    for path, leaf in want_paths.items():
+      if path not in got_paths:
+        raise ValueError(f'{source}: {name}{jax.tree_util.keystr(path)} is missing; the model '
+                         'configs differ')
+      if np.shape(got_paths[path]) != leaf.shape:
+        raise ValueError(f'{source}: {name}{jax.tree_util.keystr(path)} has shape '
+                         f'{np.shape(got_paths[path])}, this model needs {leaf.shape}')
+    extra = sorted(jax.tree_util.keystr(p) for p in got_paths.keys() - want_paths.keys())
+    if extra:
+      raise ValueError(f'{source}: {name}{extra[0]} has no place in this model; the model configs '
+                       'differ')
+
+  check('params', state.params, params)
+  check('model_state', state.model_state, model_state)
+  place = lambda tree, like, shardings: jax.tree.map(
+      lambda x, ref, s: jax.device_put(jnp.asarray(x, ref.dtype), s), tree, like, shardings)
+  return state.replace(
+      params=place(params, state.params, state_shardings.params),
+      model_state=place(model_state, state.model_state, state_shardings.model_state))
+
+
+def init_workdir(config: ml_collections.ConfigDict, workdir: str, params: PyTree,
+                 model_state: PyTree | None = None) -> None:
+  """Writes a new workdir: `config.json` and a step-0 checkpoint holding `params` (and
+  `model_state`, else the fresh one) with a fresh optimizer state; `train.py --workdir` then
+  trains it, evaluate.py scores it and generate.py samples it. Refuses a workdir that already
+  holds a checkpoint; writes nothing before every check passed."""
+  validate_config(config)
+  directory = workdir_lib.checkpoint_dir(workdir)
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise ValueError(f'{workdir} already holds checkpoints; merge into a new --workdir')
+  exp = _build_experiment(config)
+  with sharding.mesh_context(exp.mesh, exp.rules):
+    state = jax.jit(lambda r: nn.unbox(exp.init_fn(r)),
+                    out_shardings=exp.state_shardings)(exp.rng)
+    state = with_params(state, exp.state_shardings, params,
+                        state.model_state if model_state is None else model_state,
+                        source=f'the merge into {workdir}')
+  lock = workdir_lib.WorkdirLock(workdir)
+  try:
+    workdir_lib.record_config(workdir, config, 0)
+    ckpt = checkpoint_lib.Checkpointer(directory, keep=config.train.keep_checkpoints)
+    try:
+      ckpt.save(0, state, force=True)
+    finally:
+      ckpt.close()
+  finally:
+    lock.release()

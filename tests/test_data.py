@@ -16,8 +16,8 @@ S = 8  # seq_len in these tests
 
 def data_config(**overrides):
   config = ml_collections.ConfigDict(dict(
-      corpus='stdlib', paths='', token_dtype='uint16', val_fraction=0.05, seq_len=S, batch_size=8,
-      eval_batch_size=4))
+      corpus='stdlib', paths='', token_dtype='uint16', val_fraction=0.05, include='',
+      selection_fraction=0.0, seq_len=S, batch_size=8, eval_batch_size=4))
   config.update(overrides)
   return config
 
@@ -260,3 +260,35 @@ def test_token_corpus_errors(tmp_path):
     data.make_dataset(data_config(corpus='tokens', paths=missing), seed=0, vocab_size=257)
   with pytest.raises(ValueError, match='data.token_dtype'):
     data.make_dataset(data_config(corpus='tokens', paths=missing, token_dtype='int8'), seed=0, vocab_size=257)
+
+
+# Domains and the selection split
+
+
+def test_include_keeps_only_the_domain_in_both_splits():
+  root = data.stdlib_root()
+  rels = [os.path.relpath(p, root) for p in data.stdlib_files(root)]
+  domain = [r for r in rels if r.startswith(('asyncio/', 'email/'))]
+  sizes = {r: os.path.getsize(os.path.join(root, r)) for r in domain}
+  ds = data.make_dataset(data_config(include='asyncio/**, email/**'), seed=0, vocab_size=257)
+  val = [r for r in domain if data.is_validation_file(r, 0.05)]
+  # Each file's bytes plus its EOD token.
+  assert len(ds.val_tokens) == sum(sizes[r] + 1 for r in val)
+  assert len(ds.train_tokens) == sum(sizes[r] + 1 for r in domain if r not in val)
+  with pytest.raises(ValueError, match=r"data.include='nope/\*\*' matches none"):
+    data.make_dataset(data_config(include='nope/**'), seed=0, vocab_size=257)
+
+
+def test_selection_split_comes_out_of_the_training_files_only():
+  plain = data.make_dataset(data_config(), seed=0, vocab_size=257)
+  assert len(plain.selection_tokens) == 0
+  with pytest.raises(ValueError, match='selection_fraction'):
+    plain.selection_batches(1)
+  held = data.make_dataset(data_config(selection_fraction=0.1), seed=0, vocab_size=257)
+  np.testing.assert_array_equal(held.val_tokens, plain.val_tokens)
+  assert len(held.selection_tokens) > 0
+  assert len(held.train_tokens) + len(held.selection_tokens) == len(plain.train_tokens)
+  batches = held.selection_batches(2)
+  assert len(batches) == 2 and batches[0].shape == (4, S + 1)
+  with pytest.raises(ValueError, match='data.selection_fraction'):
+    data.make_dataset(data_config(selection_fraction=1.0), seed=0, vocab_size=257)

@@ -405,3 +405,24 @@ def test_sigkill_loses_only_steps_after_the_checkpoint_and_sigterm_exits_cleanly
   # The steps the killed run logged are redone identically: same data, same state.
   assert without_timing(lines[:len(killed_lines)]) == without_timing(killed_lines)
   assert _committed_steps(workdir)[-1] >= steps[-1]
+
+
+def test_init_from_starts_from_the_other_workdirs_params_with_a_fresh_optimizer(tmp_path):
+  source, started = str(tmp_path / 'source'), str(tmp_path / 'started')
+  config = smoke_config(num_steps=2, log_every=2, eval_every=2, checkpoint_every=2)
+  config.optim.warmup_steps = 1
+  train.train_and_evaluate(config, source)
+  config = smoke_config(num_steps=1, log_every=1, eval_every=1, checkpoint_every=1,
+                        init_from=source)
+  config.optim.update(warmup_steps=0, learning_rate=1e-9)  # one step that barely moves
+  train.train_and_evaluate(config, started)
+  _, source_params, _ = workdir_lib.restore_params(source)
+  _, started_params, _ = workdir_lib.restore_params(started)
+  chex.assert_trees_all_close(started_params, source_params, atol=1e-6)
+  ckpt = checkpoint.Checkpointer(os.path.join(started, 'checkpoints'), read_only=True)
+  step, state = ckpt.restore_latest(single_device_state(config)[3])
+  ckpt.close()
+  assert step == 1 and int(state.opt_state[1].count) == 1  # its own optimizer and steps
+  config.model.d_model = 64
+  with pytest.raises(ValueError, match=r"train.init_from=.*\['embedding'\] has shape"):
+    train.train_and_evaluate(config, str(tmp_path / 'wider'))

@@ -65,6 +65,8 @@ def get_config(arg=None):
       paths='',
       token_dtype='uint16',
       val_fraction=0.05,
+      include='',                # stdlib/text domain: globs of relative paths, e.g. 'asyncio/**,email/**'
+      selection_fraction=0.0,    # share of training files held out for post-hoc selection (greedy soup)
       seq_len=1024,
       batch_size=16,             # 64 x 1024 without remat overflowed an 80 GB H100
       eval_batch_size=16,
@@ -79,6 +81,9 @@ def get_config(arg=None):
       keep_checkpoints=2,
       max_nonfinite_steps=20,
       peak_flops=0.0,
+      init_from='',              # a workdir whose params start this run (own optimizer, steps, data)
+      distill_from='',           # a teacher workdir (model or ensemble): distil its distribution
+      distill_weight=0.5,        # loss = (1 - w) * data cross-entropy + w * KL(teacher || student)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

@@ -69,6 +69,8 @@ def get_config(arg=None):
       paths='',                  # glob(s), comma separated, for 'text' and 'tokens'
       token_dtype='uint16',      # for 'tokens': 'uint16' | 'uint32'
       val_fraction=0.05,         # share of files (stdlib/text) or tokens (tokens) held out
+      include='',                # stdlib/text domain: globs of relative paths, e.g. 'asyncio/**,email/**'
+      selection_fraction=0.0,    # share of training files held out for post-hoc selection (greedy soup)
       seq_len=128,
       batch_size=32,             # global batch
       eval_batch_size=32,
@@ -83,6 +85,9 @@ def get_config(arg=None):
       keep_checkpoints=3,
       max_nonfinite_steps=20,
       peak_flops=0.0,            # per device; 0 = look up the device table
+      init_from='',              # a workdir whose params start this run (own optimizer, steps, data)
+      distill_from='',           # a teacher workdir (model or ensemble): distil its distribution
+      distill_weight=0.5,        # loss = (1 - w) * data cross-entropy + w * KL(teacher || student)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
