@@ -3,7 +3,6 @@
 Models are the moe_tiny / dense_tiny smoke configs (D=32, 2 layers, S=32); workdir tests train
 their sources for a few steps.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import config_files
 from moejax import merge
 from moejax import model as model_lib
 from moejax import precision
@@ -26,11 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg='smoke'):
-  path = os.path.join(REPO, 'experiments', 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'{name}_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.get_config(name, arg)
 
 
 def init_params(config, seed):

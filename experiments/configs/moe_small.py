@@ -82,8 +82,6 @@ def get_config(arg=None):
       max_nonfinite_steps=20,
       peak_flops=0.0,
       init_from='',              # a workdir whose params start this run (own optimizer, steps, data)
-      distill_from='',           # a teacher workdir (model or ensemble): distil its distribution
-      distill_weight=0.5,        # loss = (1 - w) * data cross-entropy + w * KL(teacher || student)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
