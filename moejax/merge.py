@@ -10,6 +10,13 @@ shared experts) come from `target_params`, a fresh initialisation of the target 
 transforms never read optimizer state. moejax.train.init_workdir turns the result into a
 step-0 workdir that train.py continues.
 
+The first steps after a merge: the merged checkpoint holds parameters only, so training starts
+with fresh Adam moments (zero) and the merged config's learning-rate schedule from step 0,
+warmup included. The warmup is what keeps those first steps sane: Adam's early updates have
+about the learning rate's size whatever the gradient, which without warmup would move the new
+router and the copied experts far from the merged function at once. The sources' optimizer
+moments are not reused: they belong to the dense FFN, not to E experts and a router.
+
 Dense FFN layers keep `layer_i/ffn/mlp/{wi_0, wi_1: [D, F], wo: [F, D]}`; MoE layers hold
 `layer_i/ffn/experts/{wi_0, wi_1: [E, D, F], wo: [E, F, D]}` beside `layer_i/ffn/router/kernel`.
 """

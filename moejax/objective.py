@@ -40,3 +40,37 @@ def lm_objective(output: tuple[jax.Array, dict[str, jax.Array]], batch: jax.Arra
   logits, aux = output
   ce = cross_entropy(logits, batch[..., 1:])
   return ce + aux['aux_loss'], dict(loss=ce, **aux)
+
+
+def kl_to_teacher(teacher_log_probs: jax.Array, logits: jax.Array) -> jax.Array:
+  """Mean over tokens of KL(teacher || student) in float32.
+
+  teacher_log_probs [..., V] (normalised), logits [..., V] the student's -> ()."""
+  teacher_log_probs = teacher_log_probs.astype(jnp.float32)
+  student_log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  kl = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+  return kl.mean()
+
+
+def distillation_objective(teacher_log_probs_fn: Callable[[jax.Array], jax.Array],
+                           weight: float) -> Objective:
+  """Knowledge distillation (Hinton et al. 2015): the student fits the teacher's distribution
+  mixed with the data, `(1 - weight) · ce + weight · KL(teacher || student) + aux_loss`.
+
+  teacher_log_probs_fn: inputs [..., B, S] int -> the teacher's next-token log-probabilities
+  [..., B, S, V] (one model's, or an ensemble's fused distribution); no gradient flows into it.
+  metrics: `loss` stays the data cross-entropy (so eval_loss is comparable with any run),
+  `distill_kl` the KL term, and the aux values.
+  """
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f'train.distill_weight={weight}; expected a value in [0, 1]')
+
+  def objective(output, batch):
+    logits, aux = output
+    ce = cross_entropy(logits, batch[..., 1:])
+    teacher = jax.lax.stop_gradient(teacher_log_probs_fn(batch[..., :-1]))
+    kl = kl_to_teacher(teacher, logits)
+    loss = (1 - weight) * ce + weight * kl + aux['aux_loss']
+    return loss, dict(loss=ce, distill_kl=kl, **aux)
+
+  return objective

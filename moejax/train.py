@@ -81,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               'keep_checkpoints', 'max_nonfinite_steps'):
     _require(train[key] >= 1, f'train.{key}', train[key], 'an integer >= 1')
   _require(train.peak_flops >= 0, 'train.peak_flops', train.peak_flops, '>= 0 (0 = look up)')
+  _require(0 <= train.distill_weight <= 1, 'train.distill_weight', train.distill_weight, '[0, 1]')
   _require(optim.learning_rate > 0, 'optim.learning_rate', optim.learning_rate, '> 0')
   _require(0 <= optim.warmup_steps < train.num_steps, 'optim.warmup_steps', optim.warmup_steps,
            f'0 <= warmup_steps < train.num_steps ({train.num_steps})')
@@ -509,6 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # back on one device and are placed below).
     init_from = (workdir_lib.restore_params(config.train.init_from)[1:]
                  if state is None and config.train.init_from else None)
+    train_objective = training_objective(config, mesh)
     with sharding.mesh_context(mesh, rules):
       if state is None:
         step = 0
@@ -532,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # --- Step functions and periodic actions --------------------------------------------------
       train_batch_sharding = sharding.batch_sharding(
           mesh, rules, (config.data.batch_size, config.data.seq_len + 1))
-      step_fn = make_train_step(exp.model, exp.tx, exp.schedule,
+      step_fn = make_train_step(exp.model, exp.tx, exp.schedule, objective=train_objective,
                                 stochastic_rounding=config.precision.stochastic_rounding)
       train_step = jax.jit(step_fn, in_shardings=(exp.state_shardings, train_batch_sharding),
                            out_shardings=(exp.state_shardings, None), donate_argnums=0)
@@ -621,6 +623,39 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, precision_name: st
             'precision': name, 'quantize': quantize or 'none',
             'expert_weight_bytes': memory.expert_weight_bytes(state.params)}
 
+
+
+def teacher_log_probs_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                        ) -> Callable[[jax.Array], jax.Array]:
+  """tokens [B, S] -> log-probabilities [B, S, V] of the teacher model in
+  `train.distill_from`, whose parameters are replicated over `mesh` (read once, outside it)."""
+  teacher_config, params, model_state = workdir_lib.restore_params(config.train.distill_from)
+  source = f'train.distill_from={config.train.distill_from!r}'
+  if teacher_config.model.vocab_size != config.model.vocab_size:
+    raise ValueError(f'{source}: the teacher\'s model.vocab_size={teacher_config.model.vocab_size}'
+                     f', the student\'s {config.model.vocab_size}; they must share a vocabulary')
+  if teacher_config.model.max_seq_len < config.data.seq_len:
+    raise ValueError(f'{source}: the teacher\'s model.max_seq_len='
+                     f'{teacher_config.model.max_seq_len} < data.seq_len={config.data.seq_len}')
+  teacher = model_lib.build_model(teacher_config.model,
+                                  precision.get_policy(teacher_config.precision.policy))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  variables = jax.device_put(_variables(params, model_state), replicated)
+
+  def log_probs(tokens):
+    logits, _ = teacher.apply(variables, tokens, train=False)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return log_probs
+
+
+def training_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                       ) -> objective_lib.Objective:
+  """What the train step minimises: the LM objective, or distillation from
+  `train.distill_from` mixed by `train.distill_weight` (evaluation always scores the data)."""
+  if not config.train.distill_from:
+    return objective_lib.lm_objective
+  return objective_lib.distillation_objective(teacher_log_probs_fn(config, mesh),
+                                              config.train.distill_weight)
 
 
 def with_params(state: TrainState, state_shardings: TrainState, params: PyTree,

@@ -426,3 +426,18 @@ def test_init_from_starts_from_the_other_workdirs_params_with_a_fresh_optimizer(
   config.model.d_model = 64
   with pytest.raises(ValueError, match=r"train.init_from=.*\['embedding'\] has shape"):
     train.train_and_evaluate(config, str(tmp_path / 'wider'))
+
+
+def test_distill_from_logs_the_kl_to_the_teacher_and_evaluates_the_data_loss(tmp_path):
+  teacher = str(tmp_path / 'teacher')
+  config = smoke_config(num_steps=2, log_every=2, eval_every=2, checkpoint_every=2)
+  config.optim.warmup_steps = 1
+  train.train_and_evaluate(config, teacher)
+  config = smoke_config(num_steps=2, log_every=1, eval_every=2, checkpoint_every=2,
+                        distill_from=teacher, distill_weight=0.5)
+  config.optim.warmup_steps = 1
+  config.seed = 1
+  result = train.train_and_evaluate(config, str(tmp_path / 'student'))
+  lines = [line for line in read_lines(str(tmp_path / 'student')) if 'distill_kl' in line]
+  assert len(lines) == 2 and all(line['distill_kl'] > 0 for line in lines)
+  assert np.isfinite(result['eval_loss'])
