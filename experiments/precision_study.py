@@ -41,7 +41,7 @@ _NUM_STEPS = flags.DEFINE_integer('num_steps', 120, 'Training steps of every var
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'Global batch; 0 keeps the config\'s.')
 _VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), f'Subset of {list(VARIANTS)}.')
 _CONFIG_ARG = flags.DEFINE_string('config_arg', '', "moe_tiny's config arg ('smoke' for tests).")
-_JSON_OUT = flags.DEFINE_string('json_out', '', 'Also write the rows as JSON here.')
+_ROWS_JSON = flags.DEFINE_string('rows_json', '', 'Also write the rows as JSON here.')
 
 
 def variant_config(name: str, num_steps: int, batch_size: int = 0, arg: str = ''):
@@ -102,8 +102,8 @@ def main(argv):
                             _BATCH_SIZE.value, _CONFIG_ARG.value))
     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   print(format_table(rows))
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, 'w') as f:
+  if _ROWS_JSON.value:
+    with open(_ROWS_JSON.value, 'w') as f:
       json.dump(rows, f, indent=2)
 
 
