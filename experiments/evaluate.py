@@ -1,12 +1,17 @@
-"""Evaluates the latest checkpoint of a training workdir and prints the metrics as JSON.
+"""Evaluates the latest checkpoint of a training workdir, or several fused as one ensemble.
 
   python experiments/evaluate.py --workdir=/tmp/moe_tiny
   python experiments/evaluate.py --workdir=/tmp/moe_tiny --quantize=int8 --precision=bf16
+  python experiments/evaluate.py --workdir=/tmp/ensemble_tiny           # its members and fused
+  python experiments/evaluate.py --workdirs=/tmp/a,/tmp/b --fusion=stacked
 
-Uses the run's own config (workdir/config.json) and the validation batches training evaluated
-on, so it reproduces the last eval line of metrics.jsonl when run on the same devices (without
---precision or --quantize). The JSON also names the compute `precision`, the `quantize` mode and
-the routed experts' `expert_weight_bytes`.
+Prints the metrics as JSON on stdout, a table on stderr, and writes a reliability diagram (the
+workdir's reliability.png, or --out). One model: step, eval_loss, eval_bits_per_byte,
+eval_perplexity, accuracy, ece, the compute `precision`, the `quantize` mode and the routed
+experts' `expert_weight_bytes`; an ensemble: members, fused, disagreement, mutual_information.
+Uses the (first) run's own config and the validation batches training evaluated on, so a single
+model reproduces the last eval line of metrics.jsonl when run on the same devices (without
+--precision or --quantize).
 """
 import json
 
@@ -14,15 +19,21 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from moejax import train
-from moejax import workdir as workdir_lib
+from moejax import ensemble
+from moejax import evaluation
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
+_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Training workdirs to fuse as one ensemble.')
+_FUSION = flags.DEFINE_enum('fusion', None, ensemble.FUSIONS,
+                            "Fusion rule of an ensemble; default: the (first) config's.")
+_WEIGHTS = flags.DEFINE_list('weights', None, 'Member weights for --fusion=weighted.')
+_OUT = flags.DEFINE_string('out', None, 'Reliability diagram path; default: in the workdir.')
 _PRECISION = flags.DEFINE_enum('precision', None, ['fp32', 'bf16', 'fp16'],
                                "Compute dtype at inference; default: the run's own.")
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
                               'int8: routed expert weights stored int8 (per-expert, per-output-'
                               'channel scales), dequantised into the grouped matmul.')
+flags.mark_flags_as_mutual_exclusive(['workdir', 'workdirs'], required=True)
 
 
 def main(argv):
@@ -30,9 +41,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
-  config = workdir_lib.load_config(_WORKDIR.value)
-  print(json.dumps(train.evaluate(config, _WORKDIR.value, _PRECISION.value or '',
-                                  _QUANTIZE.value), indent=2))
+  workdirs = _WORKDIRS.value or [_WORKDIR.value]
+  weights = None if _WEIGHTS.value is None else [float(w) for w in _WEIGHTS.value]
+  result = evaluation.evaluate(workdirs, _FUSION.value, weights, _OUT.value,
+                               _PRECISION.value or '', _QUANTIZE.value)
+  evaluation.print_table(result)
+  print(json.dumps(result, indent=2))
 
 
 if __name__ == '__main__':

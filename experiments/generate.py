@@ -1,10 +1,14 @@
-"""Samples text from the latest checkpoint of a training workdir.
+"""Samples text from the latest checkpoint of a training workdir, or from several fused.
 
   python experiments/generate.py --workdir=/tmp/moe_tiny --prompt='def main(' --num_tokens=100
+  python experiments/generate.py --workdirs=/tmp/a,/tmp/b --fusion=mean_prob --prompt='def main('
 
 Uses the run's own config (workdir/config.json) to rebuild the model; --temperature=0 is greedy.
-Prints JSON: the `text`, the compute `precision` (--precision, default the run's own), the
-`quantize` mode (--quantize=int8: routed expert weights stored int8) and `expert_weight_bytes`.
+An ensemble workdir, or several workdirs of one architecture, sample from the members' fused
+distribution (one KV cache per member). Past model.max_seq_len the model attends over a sliding
+window of the last max_seq_len tokens. Prints JSON: the `text`, the compute `precision`
+(--precision, default the run's own), the `quantize` mode (--quantize=int8: routed expert weights
+stored int8; single models) and `expert_weight_bytes`.
 """
 import json
 
@@ -12,14 +16,16 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from moejax import ensemble
+from moejax import evaluation
 from moejax import generate
-from moejax import int8
 from moejax import memory
-from moejax import model as model_lib
-from moejax import precision
-from moejax import workdir as workdir_lib
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
+_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Training workdirs to sample from as an ensemble.')
+_FUSION = flags.DEFINE_enum('fusion', None, ensemble.FUSIONS,
+                            "Fusion rule of an ensemble; default: the (first) config's.")
+_WEIGHTS = flags.DEFINE_list('weights', None, 'Member weights for --fusion=weighted.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue; empty starts a new document.')
 _NUM_TOKENS = flags.DEFINE_integer('num_tokens', 100, 'Tokens (bytes) to sample.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
@@ -30,6 +36,7 @@ _PRECISION = flags.DEFINE_enum('precision', None, ['fp32', 'bf16', 'fp16'],
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
                               'int8: routed expert weights stored int8 (per-expert, per-output-'
                               'channel scales), dequantised into the grouped matmul.')
+flags.mark_flags_as_mutual_exclusive(['workdir', 'workdirs'], required=True)
 
 
 def main(argv):
@@ -37,16 +44,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
-  config, params, model_state = workdir_lib.restore_params(_WORKDIR.value)
-  name, policy = precision.inference_policy(config.precision.policy, _PRECISION.value or '')
-  quantize = _QUANTIZE.value == 'int8'
-  model = model_lib.build_model(config.model, policy, 'int8' if quantize else '')
-  if quantize:
-    params = int8.quantize_expert_params(params)
-  text = generate.sample_text(model, params, _PROMPT.value, _NUM_TOKENS.value, seed=_SEED.value,
-                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                              router_state=model_state)
-  print(json.dumps(dict(text=text, precision=name, quantize=_QUANTIZE.value,
+  weights = None if _WEIGHTS.value is None else [float(w) for w in _WEIGHTS.value]
+  decoder = evaluation.load_ensemble(_WORKDIRS.value or [_WORKDIR.value], _FUSION.value, weights,
+                                     _PRECISION.value or '', _QUANTIZE.value)
+  params = decoder.variables['params']
+  text = generate.sample_text(decoder.model, params, _PROMPT.value, _NUM_TOKENS.value,
+                              seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                              router_state=decoder.variables.get('router_state'), **decoder.fusion)
+  print(json.dumps(dict(text=text, precision=decoder.precision, quantize=_QUANTIZE.value,
                         expert_weight_bytes=memory.expert_weight_bytes(params)), indent=2))
 
 

@@ -1,11 +1,16 @@
-"""Autoregressive sampling from a TransformerLM with a KV cache.
+"""Autoregressive sampling from a TransformerLM, or an ensemble's fused distribution, with a KV cache.
 
-Shapes: B batch, P prompt length, N new tokens, V vocab, R cache length (P + N).
+Shapes: B batch, P prompt length, N new tokens, V vocab, M ensemble members, R cache length
+(P + N, at most model.max_seq_len).
 
 The prompt is prefilled in one decode call (the cache attends causally within it), then one token
 per step inside `jax.lax.scan`; the whole loop is one jitted function per (model, shapes), with
-temperature and top_k traced. Routing that looks across tokens (expert choice, or a capacity
-dispatch that drops) sees one token at a time here, so it can differ from a full forward pass.
+temperature and top_k traced. Past model.max_seq_len the cache is a sliding window over the last
+max_seq_len positions (see CausalSelfAttention._attend_cached); a longer prompt is prefilled from
+its last max_seq_len tokens. An `ensemble.Ensemble` decodes all members at once, each with its own
+KV cache (a leading member axis), and samples from their fused distribution (`fusion`, see
+moejax.ensemble). Routing that looks across tokens (expert choice, or a capacity dispatch that
+drops) sees one token at a time here, so it can differ from a full forward pass.
 """
 import functools
 
@@ -14,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import data
+from moejax import ensemble
 
 
 def sample_logits(logits, rng, temperature=1.0, top_k=0):
@@ -40,23 +46,21 @@ def init_cache(model, batch_size, max_len):
 
 
 def generate(model, params, prompt_tokens, num_new_tokens, rng, temperature=1.0, top_k=0,
-             router_state=None):
+             router_state=None, fusion='mean_prob', weights=(), fusion_params=None):
   """Continues prompt_tokens [B, P] by num_new_tokens; returns tokens [B, P + N] int32.
 
   params: the 'params' collection (boxed or not); router_state: the 'router_state' collection
   (`TrainState.model_state`), needed by routers that keep state (aux-free bias); None or {} when
   there is none. temperature 0 samples greedily; top_k > 0 samples among the k most likely tokens
-  only.
+  only. fusion, weights, fusion_params: how an Ensemble's members are fused at every step (see
+  `ensemble.fuse`; 'stacked' and 'gated' need `ensemble.fit_fusion`'s fusion_params); a
+  TransformerLM ignores them.
   """
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1:
     raise ValueError(f'prompt_tokens must be [batch, length>=1], got shape {prompt_tokens.shape}')
   if num_new_tokens < 0:
     raise ValueError(f'num_new_tokens={num_new_tokens}; expected >= 0')
-  total = prompt_tokens.shape[1] + num_new_tokens
-  if total > model.config.max_seq_len:
-    raise ValueError(f'prompt length {prompt_tokens.shape[1]} + num_new_tokens {num_new_tokens} = '
-                     f'{total} exceeds model.max_seq_len={model.config.max_seq_len}')
   if temperature < 0:
     raise ValueError(f'temperature={temperature}; expected >= 0 (0 = greedy)')
   if not 0 <= top_k <= model.config.vocab_size:
@@ -67,21 +71,38 @@ def generate(model, params, prompt_tokens, num_new_tokens, rng, temperature=1.0,
   variables = {'params': params}
   if router_state:
     variables['router_state'] = router_state
-  return _generate(model, variables, prompt_tokens, rng, jnp.float32(temperature),
-                   jnp.int32(top_k), num_new_tokens=num_new_tokens)
+  fusion = (fusion, tuple(weights)) if ensemble.is_ensemble(model) else None
+  # The window: the prompt's last max_seq_len tokens are all the model can attend to.
+  window = model.config.max_seq_len
+  context = prompt_tokens[:, -window:]
+  cache_len = min(context.shape[1] + num_new_tokens, window)
+  new = _generate(model, variables, context, rng, jnp.float32(temperature), jnp.int32(top_k),
+                  fusion_params, fusion=fusion, num_new_tokens=num_new_tokens, cache_len=cache_len)
+  return jnp.concatenate([prompt_tokens, new], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'num_new_tokens'))
-def _generate(model, variables, prompt_tokens, rng, temperature, top_k, *, num_new_tokens):
-  batch, prompt_len = prompt_tokens.shape
+@functools.partial(jax.jit, static_argnames=('model', 'fusion', 'num_new_tokens', 'cache_len'))
+def _generate(model, variables, prompt_tokens, rng, temperature, top_k, fusion_params, *, fusion,
+              num_new_tokens, cache_len):
+  """The N new tokens [B, N] after prompt_tokens [B, P <= cache_len]; fusion: None (one model) or
+  an ensemble's (fusion rule, weights)."""
+  batch = prompt_tokens.shape[0]
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
 
   def decode(tokens, cache):
+    if fusion is None:
+      (logits, _), state = model.apply({**variables, 'cache': cache}, tokens, decode=True,
+                                       mutable=['cache'])
+      return logits[:, -1], state['cache']
     (logits, _), state = model.apply({**variables, 'cache': cache}, tokens, decode=True,
-                                     mutable=['cache'])
-    return logits[:, -1], state['cache']
+                                     mutable=['cache', 'intermediates'])
+    hidden, = state['intermediates']['members']['final_hidden']
+    rule, weights = fusion
+    fused = ensemble.fuse(ensemble.log_probs(logits[:, :, -1]), rule, weights, fusion_params,
+                          hidden[:, :, -1])
+    return fused, state['cache']
 
-  logits, cache = decode(prompt_tokens, init_cache(model, batch, prompt_len + num_new_tokens))
+  logits, cache = decode(prompt_tokens, init_cache(model, batch, cache_len))
   rngs = jax.random.split(rng, num_new_tokens)
   first = sample(logits, rngs[0])
 
@@ -92,17 +113,18 @@ def _generate(model, variables, prompt_tokens, rng, temperature, top_k, *, num_n
     return (next_token, cache), next_token
 
   _, rest = jax.lax.scan(step, (first, cache), rngs[1:])  # rest: [N - 1, B]
-  return jnp.concatenate([prompt_tokens, first[:, None], rest.T], axis=1)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
 def sample_text(model, params, prompt, num_new_tokens, seed=0, temperature=1.0, top_k=0,
-                router_state=None):
+                router_state=None, **fusion):
   """Byte-tokenizes `prompt`, samples num_new_tokens tokens, returns prompt + continuation text.
 
   The prompt is preceded by the end-of-document token, as documents are in the training stream,
-  so an empty prompt starts a fresh document; EOD tokens are dropped from the text.
+  so an empty prompt starts a fresh document; EOD tokens are dropped from the text. fusion:
+  `generate`'s fusion, weights and fusion_params, for an Ensemble.
   """
   prompt_tokens = np.concatenate([[data.EOD_ID], data.encode(prompt)])[None, :]
   tokens = generate(model, params, prompt_tokens, num_new_tokens, jax.random.key(seed),
-                    temperature, top_k, router_state)
+                    temperature, top_k, router_state, **fusion)
   return data.decode(tokens[0])

@@ -162,19 +162,33 @@ class CausalSelfAttention(nn.Module):
     return jnp.einsum('BSHN,HND->BSD', out, out_kernel.astype(self.dtype))
 
   def _attend_cached(self, q, k, v):
-    """Writes the S new keys/values at the cache index and attends over the valid prefix."""
+    """Writes the S new keys/values into the cache and attends over the last R positions.
+
+    The cache is a ring buffer of R slots: position p lives in slot p mod R, so decoding past R
+    (model.max_seq_len) attends over a sliding window of the last R positions. Keys carry their
+    absolute positions' rotation, and RoPE scores depend only on position differences (< R, as in
+    training). One call writes S <= R positions.
+    """
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    window = cached_key.value.shape[1]  # R
+    if q.shape[1] > window:
+      raise ValueError(f'a decode call of {q.shape[1]} tokens exceeds the cache of {window}')
     index = cache_index.value
     positions = index + jnp.arange(q.shape[1])  # [S]
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
-    cache_index.value = index + q.shape[1]
-    kv_positions = jnp.arange(cached_key.value.shape[1])  # [R]
-    mask = kv_positions[None, :] <= positions[:, None]  # [S, R]: causal, and past the index
+    slots = positions % window
+    cached_key.value = cached_key.value.at[:, slots].set(k)
+    cached_value.value = cached_value.value.at[:, slots].set(v)
+    end = index + q.shape[1]
+    cache_index.value = end
+    # Slot j holds the latest position p < end with p mod R = j (negative: never written).
+    kv_positions = end - 1 - (end - 1 - jnp.arange(window)) % window  # [R]
+    # Causal, written, and within the last R positions.
+    mask = ((kv_positions[None, :] >= 0) & (kv_positions[None, :] <= positions[:, None])
+            & (kv_positions[None, :] > positions[:, None] - window))  # [S, R]
     return _attention(q, cached_key.value, cached_value.value, mask=mask[None, None])
 
 
@@ -259,6 +273,8 @@ class TransformerLM(nn.Module):
     # The output projection runs in float32 whatever the policy: the byte vocabulary is tiny, so it
     # costs little, keeps the softmax inputs exact, and fp16 x fp16 -> fp32 dots do not exist on CPU.
     x = RMSNorm(name='final_norm', **dtypes)(x).astype(jnp.float32)
+    # Kept only when the caller asks for 'intermediates' (an ensemble's gate reads it).
+    self.sow('intermediates', 'final_hidden', x)
     if cfg.tie_embeddings:
       logits = jnp.einsum('BSD,VD->BSV', x, embedding.astype(jnp.float32)) * cfg.d_model**-0.5
     else:

@@ -1,11 +1,12 @@
 """Device mesh, logical axis rules, and shardings for parameters and batches.
 
-The model names every parameter and activation axis logically ('batch', 'length', 'embed', 'mlp',
-'heads', 'kv', 'vocab', 'expert'); the config (`config.mesh.rules`) maps those names to the four
-mesh axes, so the same model code runs data parallel, FSDP, expert parallel or tensor parallel by
+The model names every parameter and activation axis logically ('member', 'batch', 'length',
+'embed', 'mlp', 'heads', 'kv', 'vocab', 'expert'); the config (`config.mesh.rules`) maps those
+names to the five mesh axes, so the same model code runs data parallel, FSDP, expert parallel or tensor parallel by
 changing the config only.
 
 Mesh axes, outermost first (the outer axes cross hosts, the inner ones stay on fast links):
+  member  ensemble members (moejax.ensemble): each member's parameters on its own devices
   data    pure data parallelism (parameters replicated)
   fsdp    data parallelism with parameters sharded along 'embed' (ZeRO-3 style)
   expert  expert parallelism: experts split across devices, tokens travel by all_to_all
@@ -22,14 +23,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ('data', 'fsdp', 'expert', 'model')
+MESH_AXES = ('member', 'data', 'fsdp', 'expert', 'model')
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Sizes of ('data', 'fsdp', 'expert', 'model') from `mesh_config`; -1 takes the rest."""
+  """Sizes of MESH_AXES from `mesh_config`; -1 takes the rest."""
   sizes = [mesh_config[axis] for axis in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if not isinstance(size, int) or (size < 1 and size != -1):
@@ -46,13 +47,13 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     sizes[MESH_AXES.index(free[0])] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
-        f'mesh data*fsdp*expert*model = {fixed} does not match the device count ({num_devices}); '
+        f'mesh member*data*fsdp*expert*model = {fixed} does not match the device count ({num_devices}); '
         'set one axis to -1 to take the rest')
   return tuple(sizes)
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 4-axis ('data', 'fsdp', 'expert', 'model') mesh over `devices` (default: all, every process).
+  """A mesh with the MESH_AXES over `devices` (default: all, every process).
 
   All axes are `AxisType.Auto`: jax >= 0.9 defaults to Explicit, where every array's sharding is
   part of its type and each op must be told how to shard its result. Our model only annotates
@@ -159,28 +160,38 @@ def abstract_with_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules):
   return jax.tree.map(one, tree_shardings(tree, mesh, rules), tree)
 
 
+def _batch_names(rank: int | None) -> tuple[str | None, ...]:
+  """Logical names of a batch's axes: [B, S] ('batch', 'length'); an ensemble's one batch per
+  member, [M, B, S], ('member', 'batch', 'length'); other ranks pad ('batch', 'length')."""
+  if rank == 3:
+    return ('member', 'batch', 'length')
+  names = ('batch', 'length')
+  return names if rank is None else (names + (None,) * rank)[:rank]
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules,
                    shape: Sequence[int] | None = None) -> NamedSharding:
   """Sharding of a [B, S] batch: B over the 'batch' mesh axes, S over 'length' (usually replicated).
 
-  With `shape`, any rank is allowed and dimensions the mesh does not divide are replicated.
+  With `shape`, any rank is allowed and dimensions the mesh does not divide are replicated; rank 3
+  is an ensemble's [M, B, S] with M over the 'member' mesh axes.
   """
-  names = ('batch', 'length')
-  if shape is not None:
-    names = (names + (None,) * len(shape))[:len(shape)]
+  names = _batch_names(None if shape is None else len(shape))
   return NamedSharding(mesh, logical_to_spec(names, rules, shape, mesh))
 
 
 def global_batch(local: np.ndarray, mesh: jax.sharding.Mesh, rules: Rules) -> jax.Array:
   """This process's rows of the global batch -> one global jax.Array sharded like `batch_sharding`.
 
-  Every process passes an equal share, [B / process_count, ...]; process i holds rows
-  [i * B_local, (i + 1) * B_local) of the global batch.
+  Every process passes an equal share of the batch axis, [B / process_count, ...] (an ensemble's
+  [M, B / process_count, ...]); process i holds rows [i * B_local, (i + 1) * B_local).
   """
   local = np.asarray(local)
-  global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
-  sharding = batch_sharding(mesh, rules, global_shape)
-  return jax.make_array_from_process_local_data(sharding, local, global_shape)
+  axis = _batch_names(local.ndim).index('batch')
+  global_shape = list(local.shape)
+  global_shape[axis] *= jax.process_count()
+  sharding = batch_sharding(mesh, rules, tuple(global_shape))
+  return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
 
 def validate_mesh(config, mesh: jax.sharding.Mesh) -> None:

@@ -32,6 +32,7 @@ import optax
 
 from moejax import checkpoint as checkpoint_lib
 from moejax import data as data_lib
+from moejax import ensemble as ensemble_lib
 from moejax import expert_parallel
 from moejax import int8
 from moejax import memory
@@ -103,6 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(not (prec.int8_training and config.model.ffn != 'moe'), 'precision.int8_training',
            prec.int8_training, "False for dense models (it quantises the experts' matmuls)")
   model_lib.validate_config(config.model)
+  ensemble_lib.validate_config(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +168,12 @@ def _leaf_name(path) -> str:
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 over `optim.warmup_steps`, then cosine decay to end_lr_ratio · lr at
-  `train.num_steps`."""
+  `train.num_steps` (a boosted ensemble member: at the end of its own stage)."""
   optim = config.optim
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
-      decay_steps=config.train.num_steps, end_value=optim.learning_rate * optim.end_lr_ratio)
+      decay_steps=ensemble_lib.steps_per_member(config),
+      end_value=optim.learning_rate * optim.end_lr_ratio)
 
 
 def make_optimizer(config: ml_collections.ConfigDict
@@ -185,6 +188,8 @@ def make_optimizer(config: ml_collections.ConfigDict
       scale_by_adam(optim.b1, optim.b2, optim.eps, mu_dtype, nu_dtype),
       optax.add_decayed_weights(optim.weight_decay, mask=weight_decay_mask),
       optax.scale_by_learning_rate(schedule))
+  if config.ensemble.size > 1:
+    tx = ensemble_lib.optimizer(config, tx)
   return tx, schedule
 
 
@@ -266,7 +271,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         nonfinite_count=jnp.where(finite, 0, state.nonfinite_count + 1).astype(jnp.int32))
     # The rate this update used: the schedule's own count (the chain's last state) does not
     # advance on skipped steps, unlike state.step.
-    learning_rate = schedule(state.opt_state[-1].count)
+    learning_rate = schedule(ensemble_lib.schedule_count(state.opt_state)
+                             if ensemble_lib.is_ensemble(model) else state.opt_state[-1].count)
     metrics = dict(
         **objective_metrics, learning_rate=learning_rate, grad_norm=optax.tree.norm(grads),
         loss_scale=state.loss_scale.scale, skipped=(~finite).astype(jnp.int32),
@@ -316,6 +322,8 @@ class _Experiment(NamedTuple):
   rng: jax.Array
   abstract_state: TrainState
   state_shardings: PyTree
+  objective: objective_lib.Objective
+  eval_objective: objective_lib.Objective
 
 
 def _build_experiment(config: ml_collections.ConfigDict) -> _Experiment:
@@ -326,15 +334,20 @@ def _build_experiment(config: ml_collections.ConfigDict) -> _Experiment:
   expert_parallel.validate_mesh(config, mesh)
   rules = sharding.logical_rules(config.mesh)
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
+  objective = eval_objective = objective_lib.lm_objective
+  if config.ensemble.size > 1:  # one batch per member; eval batches are shared
+    ds = ensemble_lib.make_data(config, ds)
+    objective = ensemble_lib.train_objective(ensemble_lib.is_additive(config))
+    eval_objective = ensemble_lib.eval_objective(config)
   eval_batches = _eval_batches(ds, config, mesh, rules)
-  model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy),
-                                'int8_qat' if config.precision.int8_training else '')
+  model = ensemble_lib.build_model(config, precision.get_policy(config.precision.policy),
+                                   'int8_qat' if config.precision.int8_training else '')
   tx, schedule = make_optimizer(config)
   init_fn = make_init_fn(config, model, tx)
   rng = jax.random.PRNGKey(config.seed)
   abstract_state, state_shardings = _abstract_state(init_fn, rng, mesh, rules)
   return _Experiment(mesh, rules, ds, eval_batches, model, tx, schedule, init_fn, rng,
-                     abstract_state, state_shardings)
+                     abstract_state, state_shardings, objective, eval_objective)
 
 
 def _abstract_state(init_fn, rng, mesh, rules):
@@ -415,7 +428,7 @@ def _progress_action(config, writer, timer: periodic.StepTimer, skips: _SkipCoun
                      results: dict, is_main: bool) -> periodic.PeriodicAction:
   """Writes the train metrics line (with throughput and skipped_steps) and prints progress."""
   num_steps = config.train.num_steps
-  tokens_per_step = config.data.batch_size * config.data.seq_len
+  tokens_per_step = config.ensemble.size * config.data.batch_size * config.data.seq_len
   flops_per_step = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   peak_flops = config.train.peak_flops or metrics_lib.peak_flops_per_device()
 
@@ -533,12 +546,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       # --- Step functions and periodic actions --------------------------------------------------
       train_batch_sharding = sharding.batch_sharding(
-          mesh, rules, (config.data.batch_size, config.data.seq_len + 1))
+          mesh, rules, ensemble_lib.train_batch_shape(config))
       step_fn = make_train_step(exp.model, exp.tx, exp.schedule, objective=train_objective,
                                 stochastic_rounding=config.precision.stochastic_rounding)
       train_step = jax.jit(step_fn, in_shardings=(exp.state_shardings, train_batch_sharding),
                            out_shardings=(exp.state_shardings, None), donate_argnums=0)
-      eval_step = jax.jit(make_eval_step(exp.model),
+      eval_step = jax.jit(make_eval_step(exp.model, exp.eval_objective),
                           in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
       eval_fn = lambda s: run_eval(eval_step, s, exp.eval_batches, exp.ds.bytes_per_token)
       timer, skips = periodic.StepTimer(), _SkipCounter(config.train.max_nonfinite_steps)
@@ -551,6 +564,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       # --- Loop ----------------------------------------------------------------------------------
       while step < num_steps:
+        if config.ensemble.size > 1:  # boosting by reweighting draws a member's data at its stage
+          exp.ds.start_stage(step, lambda: ensemble_lib.members_fn(
+              exp.model, _variables(state.params, state.model_state)))
         local = exp.ds.train_batch(step, jax.process_index(), jax.process_count())
         state, metrics = train_step(state, sharding.global_batch(local, mesh, rules))
         step += 1
@@ -616,7 +632,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, precision_name: st
         state = state.replace(params=int8.quantize_expert_params(state.params))
       eval_step = jax.jit(make_eval_step(model))  # the arrays' own shardings
     else:
-      eval_step = jax.jit(make_eval_step(exp.model),
+      eval_step = jax.jit(make_eval_step(exp.model, exp.eval_objective),
                           in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
     return {'step': step,
             **run_eval(eval_step, state, exp.eval_batches, exp.ds.bytes_per_token),
@@ -651,7 +667,13 @@ def teacher_log_probs_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.M
 def training_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                        ) -> objective_lib.Objective:
   """What the train step minimises: the LM objective, or distillation from
-  `train.distill_from` mixed by `train.distill_weight` (evaluation always scores the data)."""
+  `train.distill_from` mixed by `train.distill_weight` (evaluation always scores the data), or
+  an ensemble's (moejax.ensemble.train_objective)."""
+  if config.ensemble.size > 1:
+    if config.train.distill_from:
+      raise ValueError(f'train.distill_from={config.train.distill_from!r} with ensemble.size='
+                       f'{config.ensemble.size}: distilling into an ensemble is not supported')
+    return ensemble_lib.train_objective(ensemble_lib.is_additive(config))
   if not config.train.distill_from:
     return objective_lib.lm_objective
   return objective_lib.distillation_objective(teacher_log_probs_fn(config, mesh),

@@ -11,7 +11,7 @@ from moejax import model as model_lib
 from moejax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ('moe_tiny', 'dense_tiny', 'moe_small')
+CONFIGS = ('moe_tiny', 'dense_tiny', 'moe_small', 'ensemble_tiny')
 
 
 def load(name, arg=None):

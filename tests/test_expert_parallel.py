@@ -41,7 +41,7 @@ MESHES = dict(
 
 def make_mesh(name, rules=RULES):
   data, fsdp, expert, model = MESHES[name]
-  config = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, expert=expert, model=model,
+  config = ml_collections.ConfigDict(dict(member=1, data=data, fsdp=fsdp, expert=expert, model=model,
                                           rules=rules))
   mesh = sharding.make_mesh(config, jax.devices()[:data * fsdp * expert * model])
   return mesh, sharding.logical_rules(config)

@@ -108,6 +108,21 @@ class GenerateTest(parameterized.TestCase):
     self.assertFalse(np.array_equal(a, c))
     self.assertTrue(bool(jnp.all((a >= 0) & (a < 257))))
 
+  def test_past_max_seq_len_attends_over_a_sliding_window(self):
+    model, params, forward = _init()  # max_seq_len R = 16
+    window, prompt = 16, _tokens(P)
+    out = generate_lib.generate(model, params, prompt, 22, jax.random.key(0), temperature=0.0)
+    chex.assert_shape(out, (B, P + 22))
+    # RoPE scores depend on position differences only: token t is the argmax of a full forward
+    # pass over the R tokens before it, wherever the window sits.
+    for t in (window, window + 4, P + 21):
+      logits, _ = forward({'params': params}, out[:, t - window:t])
+      np.testing.assert_array_equal(out[:, t], jnp.argmax(logits[:, -1], axis=-1))
+    # A prompt longer than the window continues from its last R tokens.
+    longer = generate_lib.generate(model, params, out[:, :20], 2, jax.random.key(0),
+                                   temperature=0.0)
+    np.testing.assert_array_equal(longer, out[:, :22])
+
   def test_zero_new_tokens_returns_prompt(self):
     model, params, _ = _init()
     prompt = _tokens(P)
@@ -115,7 +130,6 @@ class GenerateTest(parameterized.TestCase):
         generate_lib.generate(model, params, prompt, 0, jax.random.key(0)), prompt)
 
   @parameterized.named_parameters(
-      ('too_long', dict(num_new_tokens=14), 'model.max_seq_len=16'),
       ('temperature', dict(temperature=-1.0), 'temperature'),
       ('top_k', dict(top_k=258), 'top_k'),
       ('negative_tokens', dict(num_new_tokens=-1), 'num_new_tokens'),

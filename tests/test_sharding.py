@@ -41,15 +41,15 @@ class Tiny(nn.Module):
 class MeshTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ('all_data', dict(data=-1), (8, 1, 1, 1)),
-      ('expert_rest', dict(data=2, expert=-1), (2, 1, 4, 1)),
-      ('mixed', dict(data=1, fsdp=2, expert=2, model=2), (1, 2, 2, 2)),
+      ('all_data', dict(data=-1), (1, 8, 1, 1, 1)),
+      ('expert_rest', dict(data=2, expert=-1), (1, 2, 1, 4, 1)),
+      ('mixed', dict(data=1, fsdp=2, expert=2, model=2), (1, 1, 2, 2, 2)),
   )
   def test_shape(self, sizes, expected):
     mesh = sharding.make_mesh(mesh_config(**sizes))
     self.assertEqual(tuple(mesh.shape.values()), expected)
     self.assertEqual(mesh.axis_names, sharding.MESH_AXES)
-    self.assertEqual(mesh.axis_types, (jax.sharding.AxisType.Auto,) * 4)
+    self.assertEqual(mesh.axis_types, (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
   def test_one_device(self):
     mesh = sharding.make_mesh(mesh_config(data=-1), jax.devices()[:1])

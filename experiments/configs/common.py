@@ -9,8 +9,9 @@ import ml_collections
 def mesh() -> ml_collections.ConfigDict:
   """The `mesh` section: every device on the data axis, and the logical-to-mesh axis rules."""
   return ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, expert=1, model=1,
+      member=1, data=-1, fsdp=1, expert=1, model=1,
       rules=(
+          ('member', 'member'),
           ('batch', ('data', 'fsdp', 'expert')),
           ('length', None),
           ('embed', 'fsdp'),
@@ -20,6 +21,22 @@ def mesh() -> ml_collections.ConfigDict:
           ('vocab', 'model'),
           ('expert', 'expert'),
       ),
+  ))
+
+
+def ensemble() -> ml_collections.ConfigDict:
+  """The `ensemble` section (moejax.ensemble): size 1 is a single model."""
+  return ml_collections.ConfigDict(dict(
+      size=1,                    # M members
+      method='deep',             # 'deep' | 'bagging' | 'boosting'
+      boosting='additive',       # 'additive' (logits, needs fusion 'sum_logits') | 'reweight'
+      # 'mean_prob' | 'mean_logprob' | 'weighted' | 'stacked' | 'gated' | 'sum_logits'
+      fusion='mean_prob',
+      weights=(),                # 'weighted': one non-negative weight per member
+      holdout_fraction=0.02,     # tail of the training split members skip; stacked/gated fit on it
+      holdout_batches=4,         # eval-sized batches of it that the fit reads
+      fit_steps=200,             # full-batch Adam steps of the stacked/gated fit
+      fit_learning_rate=0.05,
   ))
 
 

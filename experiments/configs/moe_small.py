@@ -107,6 +107,7 @@ def get_config(arg=None):
       int8_training=False,       # int8 quantisation-aware training of the expert matmuls
   ))
 
+  config.ensemble = common.ensemble()
   config.mesh = common.mesh()
 
   if arg == 'smoke':
