@@ -155,7 +155,7 @@ class ValidateTest(parameterized.TestCase):
     config.model.moe.update(num_experts=4, dispatch='capacity', group_size=config.data.seq_len)
     config.data.update(batch_size=8, eval_batch_size=8)
     mesh = sharding.make_mesh(config.mesh)
-    self.assertEqual(dict(mesh.shape), dict(data=2, fsdp=1, expert=4, model=1))
+    self.assertEqual(dict(mesh.shape), dict(member=1, data=2, fsdp=1, expert=4, model=1))
     sharding.validate_mesh(config, mesh)
 
   def test_batch_not_divisible(self):
