@@ -14,13 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax import expert_parallel
-from moejax import experts as experts_lib
 from moejax import moe as moe_lib
 
 AUX_MEAN_KEYS = ('load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy')
 FFN_KINDS = ('dense', 'moe')
 ATTENTION_IMPLS = ('xla', 'cudnn')
-ROUTER_DTYPES = ('float32', 'bfloat16')  # bfloat16: the ablation of the float32 router
 _FFN_MATMULS = 3  # both activations are gated (SwiGLU, GeGLU): wi_0, wi_1, wo
 
 
@@ -60,10 +58,7 @@ def validate_config(model_config):
     raise ValueError(f'model.first_dense_layers={model_config.first_dense_layers}; '
                      'expected an integer >= 0')
   check_attention_impl(model_config.attention_impl)
-  if model_config.moe.router_dtype not in ROUTER_DTYPES:
-    raise ValueError(f'model.moe.router_dtype={model_config.moe.router_dtype!r}; expected one of '
-                     f'{ROUTER_DTYPES}')
-  experts_lib.check_activation(model_config.moe.activation, 'model.moe.activation')
+  moe_lib.validate_config(model_config.moe)
 
 
 def check_attention_impl(impl: str) -> None:
@@ -211,19 +206,10 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     h = RMSNorm(name='ffn_norm', **dtypes)(x)
     if self.use_moe:
-      m = cfg.moe
-      ffn = moe_lib.MoE(
-          num_experts=m.num_experts, top_k=m.top_k, d_ff=m.d_ff, dispatch=m.dispatch,
-          capacity_factor=m.capacity_factor, group_size=m.group_size,
-          capacity_priority=m.capacity_priority, num_shared_experts=m.num_shared_experts,
-          router=m.router, normalize_top_k=m.normalize_top_k,
-          num_expert_groups=m.num_expert_groups, top_groups=m.top_groups,
-          jitter_noise=m.jitter_noise,
-          activation=m.activation, gmm_impl=m.gmm_impl,
-          aux_free_bias_rate=m.aux_free_bias_rate, router_dtype=jnp.dtype(m.router_dtype),
-          expert_quantization=self.expert_quantization,
-          # Expert parallel exactly when traced under a mesh that splits the 'expert' axis.
-          expert_axis=expert_parallel.context_expert_axis(), name='ffn', **dtypes)
+      # The `moe` section is MoE's fields, key for key. Expert parallel exactly when traced
+      # under a mesh that splits the 'expert' axis.
+      ffn = moe_lib.MoE(**cfg.moe, expert_quantization=self.expert_quantization,
+                        expert_axis=expert_parallel.context_expert_axis(), name='ffn', **dtypes)
       y, aux = ffn(h, train=train)
     else:
       # Dense layers share the MoE activation so dense baselines differ from MoE only in routing.
@@ -235,7 +221,8 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
   """Decoder-only LM. tokens [B, S] int32 -> (logits [B, S, V] float32, aux dict).
 
-  aux: `aux_loss` () = Σ_moe-layers (load_balance_weight · lb + z_loss_weight · z); means over
+  aux: `aux_loss` () = Σ_moe-layers (load_balance_weight · lb + z_loss_weight · z), the sum of
+  the layers' own `aux_loss`; means over
   MoE layers of `load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy` (0.0
   without MoE layers); `expert_fraction` [L_moe, E] (shape [0, 1] without MoE layers).
   """
@@ -282,20 +269,18 @@ class TransformerLM(nn.Module):
                           (cfg.d_model, cfg.vocab_size), self.param_dtype)
       logits = jnp.einsum('BSD,DV->BSV', x, kernel.astype(jnp.float32))
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
-    return logits, _combine_aux(moe_aux, cfg.moe)
+    return logits, _combine_aux(moe_aux)
 
 
-def _combine_aux(moe_aux, moe_config):
-  """Weighted aux loss summed over MoE layers, plus per-layer metrics averaged over them."""
+def _combine_aux(moe_aux):
+  """The layers' weighted aux losses summed, and their metrics averaged over MoE layers."""
   if not moe_aux:
     zero = jnp.zeros((), jnp.float32)
     return dict(aux_loss=zero, expert_fraction=jnp.zeros((0, 1), jnp.float32),
                 **{key: zero for key in AUX_MEAN_KEYS})
   stacked = {key: jnp.stack([a[key].astype(jnp.float32) for a in moe_aux])
-             for key in AUX_MEAN_KEYS + ('expert_fraction',)}
-  aux_loss = (moe_config.load_balance_weight * jnp.sum(stacked['load_balance_loss'])
-              + moe_config.z_loss_weight * jnp.sum(stacked['router_z_loss']))
-  return dict(aux_loss=aux_loss, expert_fraction=stacked['expert_fraction'],
+             for key in AUX_MEAN_KEYS + ('expert_fraction', 'aux_loss')}
+  return dict(aux_loss=jnp.sum(stacked['aux_loss']), expert_fraction=stacked['expert_fraction'],
               **{key: jnp.mean(stacked[key]) for key in AUX_MEAN_KEYS})
 
 

@@ -3,9 +3,13 @@
 Shapes: B batch, S seq, D d_model, T tokens (B·S), E experts, K top_k, F d_ff.
 
 Both layers return `(y [B, S, D], aux)` where aux holds float32 `load_balance_loss` [],
-`router_z_loss` [], `expert_fraction` [E] ([1] for DenseFFN), `dropped_fraction` [] and
-`router_entropy` []; the model weights and sums the losses.
+`router_z_loss` [], `expert_fraction` [E] ([1] for DenseFFN), `dropped_fraction` [],
+`router_entropy` [] and `aux_loss` [], the layer's weighted losses, which the model sums.
+
+A `model.moe` config section maps onto MoE's fields key for key (`MoE(**section, ...)`), so a new
+field is one field here plus its config key; `validate_config` names an unknown key.
 """
+import dataclasses
 from typing import Any
 
 import chex
@@ -23,7 +27,7 @@ def dense_aux() -> dict[str, jax.Array]:
   """The aux dict of a layer without routing: no losses, one 'expert' that gets every token."""
   zero = jnp.zeros((), jnp.float32)
   return dict(load_balance_loss=zero, router_z_loss=zero, expert_fraction=jnp.ones((1,)),
-              dropped_fraction=zero, router_entropy=zero)
+              dropped_fraction=zero, router_entropy=zero, aux_loss=zero)
 
 
 class DenseFFN(nn.Module):
@@ -41,6 +45,34 @@ class DenseFFN(nn.Module):
     y = experts_lib.GatedFFN(self.d_ff, self.activation, self.dtype, self.param_dtype,
                              name='mlp')(x)
     return y, dense_aux()
+
+
+ROUTER_DTYPES = ('float32', 'bfloat16')  # bfloat16: the ablation of the float32 router
+# MoE fields the routers declare under another name (MoE's names are the config keys).
+_ROUTER_FIELD_NAMES = {'aux_free_bias_rate': 'bias_rate', 'router_dtype': 'dtype'}
+# MoE fields that are not config keys: they come from the model (mesh, quantization, policy) or
+# from Flax.
+_NON_CONFIG_FIELDS = ('expert_axis', 'expert_quantization', 'dtype', 'param_dtype', 'parent',
+                      'name')
+
+
+def config_fields() -> tuple[str, ...]:
+  """The MoE fields a `model.moe` config section sets: each key is the field of the same name."""
+  return tuple(f.name for f in dataclasses.fields(MoE) if f.name not in _NON_CONFIG_FIELDS)
+
+
+def validate_config(section, prefix: str = 'model.moe.') -> None:
+  """Raises ValueError naming the field for an unknown key or a bad value of a `model.moe`
+  section (MoE's own checks, whose messages start with the field name)."""
+  fields = config_fields()
+  unknown = sorted(set(section) - set(fields))
+  if unknown:
+    raise ValueError(f'{prefix}{unknown[0]} is not a field of moejax.moe.MoE; the fields are '
+                     f'{fields}')
+  try:
+    MoE(**section)._validate()
+  except ValueError as e:
+    raise ValueError(f'{prefix}{e}') from None
 
 
 class MoE(nn.Module):
@@ -69,11 +101,14 @@ class MoE(nn.Module):
     activation: 'swiglu' or 'gelu' (GeGLU).
     gmm_impl: grouped-matmul implementation for the ragged dispatch.
     aux_free_bias_rate: bias step of the 'aux_free' router.
+    load_balance_weight, z_loss_weight: weights of the load-balance and router z-losses in
+      aux['aux_loss'].
     expert_axis: mesh axis the experts are split over (expert parallelism, see
       moejax/expert_parallel.py; needs `sharding.mesh_context`); None = all experts on every device.
     expert_quantization: '' | 'int8' (int8 weights, inference) | 'int8_qat' (see moejax.int8).
-    router_dtype: compute dtype of the router's matmul and softmax; float32 (the default, ST-MoE's
-      selective precision) whatever `dtype` is; bfloat16 only for the ablation that shows why.
+    router_dtype: compute dtype of the router's matmul and softmax, one of ROUTER_DTYPES:
+      'float32' (the default, ST-MoE's selective precision) whatever `dtype` is; 'bfloat16' only
+      for the ablation that shows why.
     dtype: compute dtype of the experts; param_dtype: dtype of all params.
   """
   num_experts: int
@@ -92,9 +127,11 @@ class MoE(nn.Module):
   activation: str = 'swiglu'
   gmm_impl: str = 'auto'
   aux_free_bias_rate: float = 1e-3
+  load_balance_weight: float = 1e-2
+  z_loss_weight: float = 1e-3
   expert_axis: str | None = None
   expert_quantization: str = ''
-  router_dtype: Any = jnp.float32
+  router_dtype: str = 'float32'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -121,6 +158,8 @@ class MoE(nn.Module):
     routing_lib.check_expert_groups(self.num_experts, self.top_k, self.num_expert_groups,
                                     self.top_groups)
     experts_lib.check_activation(self.activation)
+    if self.router_dtype not in ROUTER_DTYPES:
+      raise ValueError(f'router_dtype={self.router_dtype!r}; expected one of {ROUTER_DTYPES}')
 
   def _check_param_shapes(self, d_model: int):
     """Params made for another d_model/E/F fail here with a ValueError, not an XLA shape error."""
@@ -155,13 +194,11 @@ class MoE(nn.Module):
     tokens = x.reshape(batch * seq, d_model)
     group_size = self.group_size or seq
 
+    router_fields = {_ROUTER_FIELD_NAMES.get(key, key): getattr(self, key)
+                     for key in config_fields()}
     routing = routing_lib.make_router(
-        self.router, num_experts=self.num_experts, top_k=self.top_k,
-        normalize_top_k=self.normalize_top_k, jitter_noise=self.jitter_noise,
-        capacity_factor=self.capacity_factor, group_size=group_size,
-        num_expert_groups=self.num_expert_groups, top_groups=self.top_groups,
-        bias_rate=self.aux_free_bias_rate, param_dtype=self.param_dtype,
-        dtype=self.router_dtype)(tokens, train=train)
+        self.router, **{**router_fields, 'group_size': group_size,
+                        'param_dtype': self.param_dtype})(tokens, train=train)
     experts = experts_lib.Experts(self.num_experts, self.d_ff, self.activation, self.gmm_impl,
                                   quantization=self.expert_quantization, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name='experts')
@@ -182,5 +219,7 @@ class MoE(nn.Module):
     if self.num_shared_experts:
       y = y + experts_lib.GatedFFN(self.num_shared_experts * self.d_ff, self.activation,
                                    self.dtype, self.param_dtype, name='shared_experts')(tokens)
-    aux = dict(routing.metrics, dropped_fraction=dropped)
+    aux = dict(routing.metrics, dropped_fraction=dropped,
+               aux_loss=(self.load_balance_weight * routing.metrics['load_balance_loss']
+                         + self.z_loss_weight * routing.metrics['router_z_loss']))
     return y.reshape(batch, seq, d_model).astype(self.dtype), aux

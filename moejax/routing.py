@@ -16,6 +16,7 @@ its gate (0 for empty slots). Every dispatch treats -1 as "no slot": it takes no
 compute. `priority[t]` is token t's highest router probability, the key by which the capacity
 dispatch ranks tokens under capacity_priority='score' (V-MoE's batch-priority score).
 """
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -24,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ROUTERS = ('top_k', 'noisy_top_k', 'expert_choice', 'aux_free')
 
 Initializer = Callable[..., jax.Array]
 default_router_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
@@ -306,29 +306,24 @@ class AuxFreeRouter(nn.Module):
     return routing
 
 
-def make_router(name: str, *, num_experts: int, top_k: int, normalize_top_k: bool = True,
-                jitter_noise: float = 0.0, capacity_factor: float = 1.0, group_size: int = 0,
-                num_expert_groups: int = 1, top_groups: int = 1, bias_rate: float = 1e-3,
-                param_dtype: Any = jnp.float32, dtype: Any = jnp.float32) -> nn.Module:
+_ROUTER_CLASSES = {'top_k': TopKRouter, 'noisy_top_k': NoisyTopKRouter,
+                   'expert_choice': ExpertChoiceRouter, 'aux_free': AuxFreeRouter}
+ROUTERS = tuple(_ROUTER_CLASSES)
+
+
+def make_router(name: str, **fields) -> nn.Module:
   """The router called `name` (one of ROUTERS), as the Linen submodule 'router'.
 
-  capacity_factor and group_size are expert choice's; num_expert_groups and top_groups (group-
-  limited routing) are the token-choice routers'.
+  `fields` may hold more than the router declares: each router takes the fields it has by name
+  (MoE passes all of its own), so a new router field needs no plumbing here. Expert choice
+  refuses group-limited routing (num_expert_groups, top_groups other than 1).
   """
-  common = dict(num_experts=num_experts, top_k=top_k, jitter_noise=jitter_noise,
-                param_dtype=param_dtype, dtype=dtype, name='router')
-  token_choice = dict(normalize_top_k=normalize_top_k, num_expert_groups=num_expert_groups,
-                      top_groups=top_groups, **common)
-  if name == 'top_k':
-    return TopKRouter(**token_choice)
-  if name == 'noisy_top_k':
-    return NoisyTopKRouter(**token_choice)
-  if name == 'expert_choice':
-    if num_expert_groups != 1 or top_groups != 1:
-      raise ValueError(f'num_expert_groups={num_expert_groups}, top_groups={top_groups}: '
-                       "group-limited routing is for token choice; router='expert_choice' "
-                       'needs 1 and 1')
-    return ExpertChoiceRouter(capacity_factor=capacity_factor, group_size=group_size, **common)
-  if name == 'aux_free':
-    return AuxFreeRouter(bias_rate=bias_rate, **token_choice)
-  raise ValueError(f'router={name!r}; allowed values: {ROUTERS}')
+  if name not in _ROUTER_CLASSES:
+    raise ValueError(f'router={name!r}; allowed values: {ROUTERS}')
+  groups = (fields.get('num_expert_groups', 1), fields.get('top_groups', 1))
+  if name == 'expert_choice' and groups != (1, 1):
+    raise ValueError(f'num_expert_groups={groups[0]}, top_groups={groups[1]}: group-limited '
+                     "routing is for token choice; router='expert_choice' needs 1 and 1")
+  router_cls = _ROUTER_CLASSES[name]
+  own = {field.name for field in dataclasses.fields(router_cls)} - {'parent', 'name'}
+  return router_cls(**{key: value for key, value in fields.items() if key in own}, name='router')

@@ -12,6 +12,7 @@ import pytest
 
 from moejax import config_files
 from moejax import model as model_lib
+from moejax import moe as moe_lib
 from moejax import precision
 
 B, S = 2, 8
@@ -247,3 +248,25 @@ def test_router_dtype_is_validated_naming_the_field():
   config.moe.router_dtype = 'float16'
   with pytest.raises(ValueError, match=r"model.moe.router_dtype='float16'; expected one of"):
     model_lib.validate_config(config)
+
+
+def test_the_moe_section_maps_onto_moe_fields_and_an_unknown_key_fails_naming_it():
+  config = tiny_config()
+  assert set(config.moe) == set(moe_lib.config_fields())
+  config.moe.num_experts = 0
+  with pytest.raises(ValueError, match=r'model\.moe\.num_experts=0; must be >= 1'):
+    model_lib.validate_config(config)
+  config = tiny_config()
+  with config.moe.unlocked():
+    config.moe.capacity_factr = 2.0
+  with pytest.raises(ValueError, match=r'model\.moe\.capacity_factr is not a field of'):
+    model_lib.build_model(config, precision.get_policy('fp32'))
+
+
+def test_each_moe_layer_weighs_its_own_aux_losses():
+  layer = moe_lib.MoE(num_experts=4, top_k=2, d_ff=8, load_balance_weight=0.3, z_loss_weight=0.7)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16))
+  _, aux = layer.apply(layer.init(jax.random.key(1), x), x)
+  np.testing.assert_allclose(aux['aux_loss'],
+                             0.3 * aux['load_balance_loss'] + 0.7 * aux['router_z_loss'],
+                             rtol=1e-6)

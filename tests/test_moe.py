@@ -17,7 +17,8 @@ from moejax import routing
 from test_dispatch import np_kept
 
 B, S, D = 2, 8, 8
-AUX_SHAPES = dict(load_balance_loss=(), router_z_loss=(), dropped_fraction=(), router_entropy=())
+AUX_SHAPES = dict(load_balance_loss=(), router_z_loss=(), dropped_fraction=(), router_entropy=(),
+                  aux_loss=())
 
 
 def inputs(batch=B, seq=S, d_model=D, seed=0):
