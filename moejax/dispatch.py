@@ -5,9 +5,9 @@ C capacity (slots per expert per group), N = T·K token slots.
 
 Every dispatch is a pure function `(x [T, D], routing, expert_fn, ...) -> (y [T, D],
 dropped_fraction [])`. The experts are reached only through `expert_fn` (the `Experts` module or a
-function with its signature: `expert_fn(x [E, C', D]) -> [E, C', D]` or `expert_fn(x [N, D],
-group_sizes [E]) -> [N, D]`), so expert parallelism can wrap it (all_to_all in shard_map) without
-touching the code here. Slots with expert_index -1 are empty: no capacity, no compute, no output.
+function with its signature: `expert_fn(x [E, C', D]) -> [E, C', D]` or
+`expert_fn(x [N, D], rows_per_expert [E]) -> [N, D]`), so expert parallelism can wrap it
+(all_to_all in shard_map) without touching the code here. Slots with expert_index -1 are empty: no capacity, no compute, no output.
 Gates are applied in float32; y comes back in x's dtype.
 """
 import math
@@ -119,8 +119,8 @@ def ragged_dispatch(x: jax.Array, routing: Routing, expert_fn: ExpertFn, *,
   """Dropless (MegaBlocks, Gale et al. 2022): sort the T·K slots by expert, run the grouped matmul
   on the sorted rows, unsort, combine. Empty slots (-1) sort to the end, outside every group.
   The permutations are gathers both ways (kernels/permute.py), the gates fused into the unsort."""
-  order, inverse, group_sizes = permute.sort_slots(routing.expert_index, num_experts)
-  out_sorted = expert_fn(permute.gather_rows(x, order, inverse), group_sizes)  # [N, D]
+  order, inverse, rows_per_expert = permute.sort_slots(routing.expert_index, num_experts)
+  out_sorted = expert_fn(permute.gather_rows(x, order, inverse), rows_per_expert)  # [N, D]
   y = permute.unsort_combine(out_sorted, order, inverse, routing.combine_weight)
   return y.astype(x.dtype), _no_drops()
 

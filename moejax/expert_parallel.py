@@ -14,7 +14,7 @@ tokens, with an `expert_fn` that wraps the local experts in all_to_alls:
     along the capacity axis, runs its E_l experts once, and sends every block back. Capacity is
     computed per group of `group_size` consecutive tokens; groups never straddle devices (the
     group size divides T_l), so exactly the same slots drop as on one device.
-  ragged (dropless): the dispatch hands over x [N, D] sorted by expert and group_sizes [E]. The
+  ragged (dropless): the dispatch hands over x [N, D] sorted by expert and rows_per_expert [E]:
     rows for device j are one contiguous run of x; each device sends every other device a block
     padded to the worst case R = T_l·min(K, E_l) rows (a token's K slots pick distinct experts,
     at most E_l of them on one device) together with the E_l counts, re-sorts what it receives
@@ -64,14 +64,15 @@ def buffer_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int) -> ExpertFn:
 
 
 def ragged_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int, block_rows: int) -> ExpertFn:
-  """Wraps local experts (x [N', D], group_sizes [E_l]) into a fn of (x [N, D], group_sizes [E]).
+  """Wraps local experts (x [N', D], rows_per_expert [E_l]) into a fn of
+  (x [N, D], rows_per_expert [E]).
 
   `block_rows` (R) bounds the rows one device sends to another: T_l · min(K, E_l), because a
   token's K slots pick K distinct experts, at most E_l of which live on one device.
   """
-  def fn(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  def fn(x: jax.Array, rows_per_expert: jax.Array) -> jax.Array:
     n_rows, d = x.shape
-    per_device = group_sizes.reshape(axis_size, -1)  # [n, E_l]
+    per_device = rows_per_expert.reshape(axis_size, -1)  # [n, E_l]
     device_rows = jnp.sum(per_device, axis=1)  # [n]
     device_start = jnp.cumsum(device_rows) - device_rows
     block_row = jnp.arange(block_rows)
@@ -94,10 +95,11 @@ def ragged_expert_fn(local_fn: ExpertFn, axis: str, axis_size: int, block_rows: 
 
     # Row i of x went to the owner of its expert, at position i - device_start[owner].
     row = jnp.arange(n_rows)
-    expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side='right')  # E for padding rows
+    # E for padding rows.
+    expert = jnp.searchsorted(jnp.cumsum(rows_per_expert), row, side='right')
     owner = jnp.minimum(expert // per_device.shape[1], axis_size - 1)
     y = returned[owner, jnp.clip(row - device_start[owner], 0, block_rows - 1)]
-    return jnp.where((expert < group_sizes.shape[0])[:, None], y, 0)
+    return jnp.where((expert < rows_per_expert.shape[0])[:, None], y, 0)
   return fn
 
 
@@ -237,8 +239,8 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
     buffer_fn = buffer_expert_fn(local_fn, expert_axis, axis_size)
     ragged_fn = ragged_expert_fn(local_fn, expert_axis, axis_size, block_rows)
 
-    def expert_fn(x, group_sizes=None):
-      return buffer_fn(x) if group_sizes is None else ragged_fn(x, group_sizes)
+    def expert_fn(x, rows_per_expert=None):
+      return buffer_fn(x) if rows_per_expert is None else ragged_fn(x, rows_per_expert)
 
     y, dropped = dispatch_lib.dispatch(
         name, x, routing, expert_fn, num_experts=num_experts, top_k=top_k,

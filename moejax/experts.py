@@ -1,6 +1,8 @@
 """Stacked expert FFNs and the dense gated FFN used for shared experts and dense layers.
 
-Shapes: E experts, D d_model, F d_ff, C slots per expert, G groups, N token slots sorted by expert.
+Shapes: E experts, D d_model, F d_ff, C slots per expert, G capacity groups, N token slots sorted
+by expert. `rows_per_expert` [E] counts each expert's rows of a sorted [N, D] input; the kernels
+(moejax/kernels/, like jax.lax.ragged_dot) call the same counts `group_sizes`.
 
 Both activations are gated (three matrices wi_0, wi_1, wo), so the parameter tree does not depend
 on the activation: swiglu = wo(silu(x wi_0) * (x wi_1)) (Shazeer 2020, as in Mixtral/DeepSeek) and
@@ -27,23 +29,23 @@ def check_activation(activation: str, field: str = 'activation'):
 
 
 def expert_ffn(wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, x: jax.Array,
-               group_sizes: jax.Array | None = None, *, activation: str = 'swiglu',
+               rows_per_expert: jax.Array | None = None, *, activation: str = 'swiglu',
                gmm_impl: str = 'auto', int8_activations: bool = False) -> jax.Array:
   """The expert maths as a pure function of the weights (handy for shard_map expert parallelism).
 
   wi_0, wi_1 [E, D, F], wo [E, F, D], all in the compute dtype, and either
-    group_sizes None: x [E, C, D] or [G, E, C, D] -> same shape (batched einsum), or
-    group_sizes [E] int32: x [N, D] sorted by expert -> [N, D] (the gated layer `grouped_glu`,
-    then a grouped matmul; rows past sum(group_sizes) come out zero).
+    rows_per_expert None: x [E, C, D] or [G, E, C, D] -> same shape (batched einsum), or
+    rows_per_expert [E] int32: x [N, D] sorted by expert -> [N, D] (the gated layer
+    `grouped_glu`, then a grouped matmul; rows past sum(rows_per_expert) come out zero).
   `int8_activations` rounds both matmul inputs (x and the hidden h) to int8 per token,
   straight-through (quantisation-aware training, see moejax.int8).
   """
   check_activation(activation)
   act = ACTIVATIONS[activation]
   quantize = int8.fake_quantize_rows if int8_activations else lambda a: a
-  if group_sizes is not None:
-    h = grouped_glu(quantize(x), wi_0, wi_1, group_sizes, act, impl=gmm_impl)
-    return grouped_matmul(quantize(h), wo, group_sizes, impl=gmm_impl)
+  if rows_per_expert is not None:
+    h = grouped_glu(quantize(x), wi_0, wi_1, rows_per_expert, act, impl=gmm_impl)
+    return grouped_matmul(quantize(h), wo, rows_per_expert, impl=gmm_impl)
   if x.ndim in (3, 4):
     x = quantize(x)
     h = act(jnp.einsum('...ecd,edf->...ecf', x, wi_0)) * jnp.einsum('...ecd,edf->...ecf', x, wi_1)
@@ -71,8 +73,9 @@ class Experts(nn.Module):
       1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1, batch_axis=(0,))
 
   @nn.compact
-  def __call__(self, x: jax.Array, group_sizes: jax.Array | None = None) -> jax.Array:
-    """x [E, C, D] / [G, E, C, D] (group_sizes None) or x [N, D] with group_sizes [E]."""
+  def __call__(self, x: jax.Array, rows_per_expert: jax.Array | None = None) -> jax.Array:
+    """x [E, C, D] / [G, E, C, D] (rows_per_expert None), or x [N, D] with rows_per_expert [E]
+    sorted by expert."""
     int8.check_quantization(self.quantization)
     d_model = x.shape[-1]
     e, f = self.num_experts, self.d_ff
@@ -81,7 +84,7 @@ class Experts(nn.Module):
               'wo': ((e, f, d_model), ('expert', 'mlp', 'embed'))}
     weights = [self._weight(name, shape, names) for name, (shape, names) in shapes.items()]
     x, wi_0, wi_1, wo = nn.dtypes.promote_dtype(x, *weights, dtype=self.dtype)
-    return expert_ffn(wi_0, wi_1, wo, x, group_sizes, activation=self.activation,
+    return expert_ffn(wi_0, wi_1, wo, x, rows_per_expert, activation=self.activation,
                       gmm_impl=self.gmm_impl, int8_activations=self.quantization == 'int8_qat')
 
   def _weight(self, name, shape, names):

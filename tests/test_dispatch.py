@@ -39,8 +39,8 @@ def random_weights(num_experts, seed=1):
 
 
 def run_dispatch(name, x, weights, routing, **kwargs):
-  def expert_fn(xs, group_sizes=None):
-    return experts.expert_ffn(weights['wi_0'], weights['wi_1'], weights['wo'], xs, group_sizes)
+  def expert_fn(xs, rows_per_expert=None):
+    return experts.expert_ffn(weights['wi_0'], weights['wi_1'], weights['wo'], xs, rows_per_expert)
   num_experts = weights['wi_0'].shape[0]
   return dispatch.dispatch(name, x, routing, expert_fn, num_experts=num_experts, **kwargs)
 

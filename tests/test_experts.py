@@ -54,14 +54,14 @@ class ExpertsTest(parameterized.TestCase):
 
   def test_grouped_path_matches_per_expert(self):
     module = experts.Experts(E, F)
-    group_sizes = jnp.array([3, 0, 4, 2], jnp.int32)  # expert 1 gets nothing; 3 padding rows
+    rows_per_expert = jnp.array([3, 0, 4, 2], jnp.int32)  # expert 1 gets nothing; 3 padding rows
     x = random_normal((12, D))
-    variables, p = init_experts(module, x, group_sizes)
-    y = jax.jit(module.apply)(variables, x, group_sizes)
+    variables, p = init_experts(module, x, rows_per_expert)
+    y = jax.jit(module.apply)(variables, x, rows_per_expert)
     chex.assert_shape(y, (12, D))
     x64 = np.asarray(x, np.float64)
     start = 0
-    for e, size in enumerate(np.asarray(group_sizes)):
+    for e, size in enumerate(np.asarray(rows_per_expert)):
       rows = slice(start, start + size)
       np.testing.assert_allclose(
           y[rows], np_ffn('swiglu', x64[rows], p['wi_0'][e], p['wi_1'][e], p['wo'][e]),
@@ -92,10 +92,10 @@ class ExpertsTest(parameterized.TestCase):
 
   def test_fine_grained(self):
     module = experts.Experts(64, 4)
-    group_sizes = jnp.zeros((64,), jnp.int32).at[::3].set(1)  # 22 rows, most experts empty
+    rows_per_expert = jnp.zeros((64,), jnp.int32).at[::3].set(1)  # 22 rows, most experts empty
     x = random_normal((24, D))
-    variables, p = init_experts(module, x, group_sizes)
-    y = jax.jit(module.apply)(variables, x, group_sizes)
+    variables, p = init_experts(module, x, rows_per_expert)
+    y = jax.jit(module.apply)(variables, x, rows_per_expert)
     x64 = np.asarray(x, np.float64)
     for row, e in enumerate(range(0, 64, 3)):
       np.testing.assert_allclose(

@@ -146,22 +146,22 @@ class GroupedMatmulTest(parameterized.TestCase):
 class HopperShapeLogicTest(parameterized.TestCase):
   """Pure-Python checks of what the kernels can serve; these run anywhere."""
 
-  @parameterized.parameters('stock', 'ws')
-  def test_reasons(self, kernels):
+  @parameterized.parameters('hopper', 'hopper_ws')
+  def test_reasons(self, impl):
     for k, n in ((2048, 1408), (1408, 2048), (2048, 4096), (4096, 14336)):
-      self.assertIsNone(hopper.gmm_reason(32768, k, n, jnp.bfloat16, kernels))
-      self.assertIsNone(hopper.gmm_t_reason(32768, k, n, jnp.bfloat16, kernels))
-      self.assertIsNone(hopper.tgmm_reason(32768, k, n, jnp.bfloat16, kernels))
-    self.assertIn('float32', hopper.gmm_reason(128, 128, 128, jnp.float32, kernels))
-    self.assertIn('K=130', hopper.gmm_reason(128, 130, 128, jnp.bfloat16, kernels))
-    self.assertIn('M=0', hopper.gmm_reason(0, 128, 128, jnp.bfloat16, kernels))
-    self.assertIsNone(hopper.gmm_reason(128, 1000, 128, jnp.bfloat16, kernels))  # pads to 1024
+      self.assertIsNone(hopper.gmm_reason(32768, k, n, jnp.bfloat16, impl))
+      self.assertIsNone(hopper.gmm_t_reason(32768, k, n, jnp.bfloat16, impl))
+      self.assertIsNone(hopper.tgmm_reason(32768, k, n, jnp.bfloat16, impl))
+    self.assertIn('float32', hopper.gmm_reason(128, 128, 128, jnp.float32, impl))
+    self.assertIn('K=130', hopper.gmm_reason(128, 130, 128, jnp.bfloat16, impl))
+    self.assertIn('M=0', hopper.gmm_reason(0, 128, 128, jnp.bfloat16, impl))
+    self.assertIsNone(hopper.gmm_reason(128, 1000, 128, jnp.bfloat16, impl))  # pads to 1024
 
   def test_ws_column_tile_halves_rather_than_pads(self):
     self.assertEqual(hopper.ws_config('gmm', 2048, 4096).cta_n, 256)
     self.assertEqual(hopper.ws_config('gmm', 2048, 1408).cta_n, 128)  # 1408 = 11 x 128
     self.assertEqual(hopper.ws_config('gmm_t', 1408, 2048).cta_n, 128)  # gmm_t writes K columns
-    self.assertIn('N=200', hopper.gmm_reason(128, 128, 200, jnp.bfloat16, 'ws'))
+    self.assertIn('N=200', hopper.gmm_reason(128, 128, 200, jnp.bfloat16, 'hopper_ws'))
 
   @parameterized.product(op=('gmm', 'gmm_t', 'tgmm'), k=(64, 192, 1408, 2048, 14336),
                          n=(64, 320, 1408, 4096))
@@ -192,7 +192,7 @@ class HopperShapeLogicTest(parameterized.TestCase):
       hopper.block_config('matmul', 64, 64)
     with self.assertRaisesRegex(ValueError, 'op must be'):
       hopper.ws_config('matmul', 64, 64)
-    with self.assertRaisesRegex(ValueError, 'kernels must be'):
+    with self.assertRaisesRegex(ValueError, 'impl must be'):
       hopper.gmm_reason(128, 128, 128, jnp.bfloat16, 'triton')
 
 

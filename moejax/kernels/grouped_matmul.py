@@ -23,9 +23,7 @@ import jax.numpy as jnp
 from moejax.kernels import blocked
 from moejax.kernels import hopper
 
-IMPLS = ('auto', 'xla', 'blocked', 'hopper', 'hopper_ws')
-# Which kernel family of hopper.py serves each Hopper implementation.
-_KERNELS = {'hopper': 'stock', 'hopper_ws': 'ws'}
+IMPLS = ('auto', 'xla', 'blocked') + hopper.IMPLS
 
 # Transposed ragged contraction: dw[g] = x_g^T dy_g, contracting the ragged row dimension.
 _TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
@@ -62,9 +60,9 @@ def log_fallback_once(impl: str, op: str, m: int, k: int, n: int, dtype, reason:
 
 
 def _use_hopper(impl: str, op: str, reason_fn, m: int, k: int, n: int, dtype) -> bool:
-  if impl not in _KERNELS:
+  if impl not in hopper.IMPLS:
     return False
-  reason = hopper.platform_reason() or reason_fn(m, k, n, dtype, _KERNELS[impl])
+  reason = hopper.platform_reason() or reason_fn(m, k, n, dtype, impl)
   return log_fallback_once(impl, op, m, k, n, dtype, reason)
 
 
@@ -79,7 +77,7 @@ def forward_product(x, w, group_sizes, impl):
   m, k = x.shape
   n = w.shape[2]
   if _use_hopper(impl, 'forward', hopper.gmm_reason, m, k, n, x.dtype):
-    return hopper.gmm(x, w, group_sizes, _KERNELS[impl])
+    return hopper.gmm(x, w, group_sizes, impl)
   if _use_blocked(impl, 'forward', m, k, n, w.shape[0], x.dtype):
     return blocked.gmm(x, w, blocked.layout(group_sizes, m))
   return jax.lax.ragged_dot(x, w, group_sizes)
@@ -90,7 +88,7 @@ def input_grad_product(dy, w, group_sizes, impl):
   m, n = dy.shape
   k = w.shape[1]
   if _use_hopper(impl, 'input-gradient', hopper.gmm_t_reason, m, k, n, dy.dtype):
-    return hopper.gmm_t(dy, w, group_sizes, _KERNELS[impl])
+    return hopper.gmm_t(dy, w, group_sizes, impl)
   if _use_blocked(impl, 'input-gradient', m, k, n, w.shape[0], dy.dtype):
     return blocked.gmm_t(dy, w, blocked.layout(group_sizes, m))
   return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
@@ -101,7 +99,7 @@ def weight_grad_product(x, dy, group_sizes, impl):
   m, k = x.shape
   n = dy.shape[1]
   if _use_hopper(impl, 'weight-gradient', hopper.tgmm_reason, m, k, n, x.dtype):
-    return hopper.tgmm(x, dy, group_sizes, _KERNELS[impl])
+    return hopper.tgmm(x, dy, group_sizes, impl)
   if _use_blocked(impl, 'weight-gradient', m, k, n, group_sizes.shape[0], x.dtype):
     return blocked.tgmm(x, dy, blocked.layout(group_sizes, m), group_sizes.shape[0])
   return jax.lax.ragged_dot_general(x, dy, group_sizes, _TGMM_DIMS)

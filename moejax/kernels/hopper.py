@@ -8,15 +8,15 @@ Three products make a grouped matmul and its gradients:
   gmm_t    dx [M, K] = dy [M, N] @ w[g]^T [N, K]
   tgmm     dw [G, K, N] = x_g^T [K, M_g] @ dy_g [M_g, N]
 
-Kernel families (`KERNELS`):
-  'stock'  the Pallas Mosaic-GPU kernels that ship with JAX (`ragged_dot_mgpu`,
-           `transposed_ragged_dot_mgpu`): one warpgroup per 128x128 tile; measured on an H100.
-  'ws'     moejax's warp-specialized kernels in `hopper_ws.py`: a TMA producer warpgroup and two
-           consumer warpgroups on a 128x256 tile.
-  'ws_pair' the same kernels' paired form: both consumers on one 128x128 output tile, one
-           product each. It serves a gated FFN's first layer (`glu`: act(x w0) * (x w1), one
-           shared x tile), its input gradient (`gmm_t_sum`: dh0 w0^T + dh1 w1^T summed on chip)
-           and its weight gradients (`tgmm_pair`: x^T dh0 and x^T dh1, one shared x tile).
+Implementations (`IMPLS`, the `gmm_impl` values that run here):
+  'hopper'    the Pallas Mosaic-GPU kernels that ship with JAX (`ragged_dot_mgpu`,
+              `transposed_ragged_dot_mgpu`): one warpgroup per 128x128 tile; measured on an H100.
+  'hopper_ws' moejax's warp-specialized kernels in `hopper_ws.py`: a TMA producer warpgroup and
+              two consumer warpgroups on a 128x256 tile.
+Their paired form (`_PAIRED`, which 'hopper_ws' uses for the gated layer) puts both consumers on
+one 128x128 output tile, one product each. It serves a gated FFN's first layer (`glu`:
+act(x w0) * (x w1), one shared x tile), its input gradient (`gmm_t_sum`: dh0 w0^T + dh1 w1^T
+summed on chip) and its weight gradients (`tgmm_pair`: x^T dh0 and x^T dh1, one shared x tile).
 
 The kernels want: equal fp16/bf16 operand dtypes, the contraction a multiple of its tile depth,
 the output columns a multiple of the column tile (and for `tgmm` the output rows a multiple of the
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from moejax.kernels import hopper_ws
 
-KERNELS = ('stock', 'ws', 'ws_pair')
+IMPLS = ('hopper', 'hopper_ws')
+_PAIRED = 'hopper_ws_pair'  # tile choice of the paired kernels (glu, gmm_t_sum, tgmm_pair)
 _OPS = ('gmm', 'gmm_t', 'tgmm')
 _DTYPES = (jnp.bfloat16, jnp.float16)
 # Padding a dimension by more than this share of its size costs more than the kernel saves.
@@ -134,25 +135,25 @@ def tile_multiples(op: str, row_tile: int, col_tile: int, depth: int) -> dict[st
   return {'K': row_tile, 'N': col_tile}  # tgmm writes [K, N] tiles, contracts over rows
 
 
-def _multiples(op: str, kernels: str, k: int, n: int) -> dict[str, int]:
-  """`tile_multiples` of the tiles that kernel family `kernels` uses for `op`."""
-  if kernels == 'stock':
+def _multiples(op: str, impl: str, k: int, n: int) -> dict[str, int]:
+  """`tile_multiples` of the tiles that implementation `impl` uses for `op`."""
+  if impl == 'hopper':
     cfg = block_config(op, k, n)
     return tile_multiples(op, cfg.block_m, cfg.block_n, cfg.block_k)
-  if kernels == 'ws':
+  if impl == 'hopper_ws':
     cfg = ws_config(op, k, n)
     return tile_multiples(op, cfg.tile_m, cfg.cta_n, cfg.tile_k)
-  if kernels == 'ws_pair':
+  if impl == _PAIRED:
     cfg = ws_pair_config(op, k, n)
     return tile_multiples(op, cfg.tile_m, cfg.tile_n, cfg.tile_k)
-  raise ValueError(f'kernels must be one of {KERNELS}, got {kernels!r}')
+  raise ValueError(f'impl must be one of {IMPLS + (_PAIRED,)}, got {impl!r}')
 
 
-def _shape_reason(op: str, kernels: str, m: int, k: int, n: int, dtype) -> str | None:
+def _shape_reason(op: str, impl: str, m: int, k: int, n: int, dtype) -> str | None:
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
     return f'dtype {jnp.dtype(dtype).name} is not bfloat16/float16'
   sizes = {'M': m, 'K': k, 'N': n}
-  multiples = {'M': 1, **_multiples(op, kernels, k, n)}
+  multiples = {'M': 1, **_multiples(op, impl, k, n)}
   for name, multiple in multiples.items():
     size = sizes[name]
     if size == 0:
@@ -163,19 +164,19 @@ def _shape_reason(op: str, kernels: str, m: int, k: int, n: int, dtype) -> str |
   return None
 
 
-def gmm_reason(m: int, k: int, n: int, dtype, kernels: str = 'stock') -> str | None:
+def gmm_reason(m: int, k: int, n: int, dtype, impl: str = 'hopper') -> str | None:
   """Why `gmm` cannot serve [m, k] x [G, k, n] (None if it can)."""
-  return _shape_reason('gmm', kernels, m, k, n, dtype)
+  return _shape_reason('gmm', impl, m, k, n, dtype)
 
 
-def gmm_t_reason(m: int, k: int, n: int, dtype, kernels: str = 'stock') -> str | None:
+def gmm_t_reason(m: int, k: int, n: int, dtype, impl: str = 'hopper') -> str | None:
   """Why `gmm_t` cannot serve [m, n] x [G, k, n]^T (None if it can)."""
-  return _shape_reason('gmm_t', kernels, m, k, n, dtype)
+  return _shape_reason('gmm_t', impl, m, k, n, dtype)
 
 
-def tgmm_reason(m: int, k: int, n: int, dtype, kernels: str = 'stock') -> str | None:
+def tgmm_reason(m: int, k: int, n: int, dtype, impl: str = 'hopper') -> str | None:
   """Why `tgmm` cannot serve x [m, k], dy [m, n] -> [G, k, n] (None if it can)."""
-  return _shape_reason('tgmm', kernels, m, k, n, dtype)
+  return _shape_reason('tgmm', impl, m, k, n, dtype)
 
 
 def _pad_axis(a, axis: int, multiple: int):
@@ -204,9 +205,9 @@ def _zero_tail_rows(y, group_sizes):
   return jnp.where(rows < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
 
 
-def _ragged_dot(op: str, kernels: str, lhs, rhs, group_sizes, k: int, n: int,
+def _ragged_dot(op: str, impl: str, lhs, rhs, group_sizes, k: int, n: int,
                 transpose_rhs: bool):
-  if kernels == 'ws':
+  if impl == 'hopper_ws':
     return hopper_ws.gmm(lhs, rhs, group_sizes, cfg=ws_config(op, k, n),
                          transpose_rhs=transpose_rhs)
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
@@ -214,32 +215,32 @@ def _ragged_dot(op: str, kernels: str, lhs, rhs, group_sizes, k: int, n: int,
                                     **dataclasses.asdict(block_config(op, k, n)))
 
 
-def gmm(x, w, group_sizes, kernels: str = 'stock'):
+def gmm(x, w, group_sizes, impl: str = 'hopper'):
   """[M, K] x [G, K, N] -> [M, N] (bf16/fp16, f32 accumulation); check `gmm_reason` first."""
   m, k = x.shape
   n = w.shape[2]
-  mult = _multiples('gmm', kernels, k, n)
-  y = _ragged_dot('gmm', kernels, _pad_rows(x, mult['K']), _pad_weights(w, mult), group_sizes,
+  mult = _multiples('gmm', impl, k, n)
+  y = _ragged_dot('gmm', impl, _pad_rows(x, mult['K']), _pad_weights(w, mult), group_sizes,
                   k, n, transpose_rhs=False)
   return _zero_tail_rows(y[:m, :n], group_sizes)
 
 
-def gmm_t(dy, w, group_sizes, kernels: str = 'stock'):
+def gmm_t(dy, w, group_sizes, impl: str = 'hopper'):
   """[M, N] x [G, K, N]^T -> [M, K]: the input gradient of `gmm`; check `gmm_t_reason` first."""
   m = dy.shape[0]
   k, n = w.shape[1:]
-  mult = _multiples('gmm_t', kernels, k, n)
-  dx = _ragged_dot('gmm_t', kernels, _pad_rows(dy, mult['N']), _pad_weights(w, mult),
+  mult = _multiples('gmm_t', impl, k, n)
+  dx = _ragged_dot('gmm_t', impl, _pad_rows(dy, mult['N']), _pad_weights(w, mult),
                    group_sizes, k, n, transpose_rhs=True)
   return _zero_tail_rows(dx[:m, :k], group_sizes)
 
 
-def tgmm(x, dy, group_sizes, kernels: str = 'stock'):
+def tgmm(x, dy, group_sizes, impl: str = 'hopper'):
   """x [M, K], dy [M, N] -> [G, K, N], dw[g] = x_g^T dy_g; check `tgmm_reason` first."""
   k, n = x.shape[1], dy.shape[1]
-  mult = _multiples('tgmm', kernels, k, n)
+  mult = _multiples('tgmm', impl, k, n)
   xp, dyp = _pad_rows(x, mult['K']), _pad_rows(dy, mult['N'])
-  if kernels == 'ws':
+  if impl == 'hopper_ws':
     dw = hopper_ws.tgmm(xp, dyp, group_sizes, cfg=ws_config('tgmm', k, n))
   else:
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
@@ -250,24 +251,24 @@ def tgmm(x, dy, group_sizes, kernels: str = 'stock'):
 
 def glu_reason(m: int, k: int, n: int, dtype) -> str | None:
   """Why `glu` cannot serve x [m, k] with w0, w1 [G, k, n] (None if it can)."""
-  return _shape_reason('gmm', 'ws_pair', m, k, n, dtype)
+  return _shape_reason('gmm', _PAIRED, m, k, n, dtype)
 
 
 def gmm_t_sum_reason(m: int, k: int, n: int, dtype) -> str | None:
   """Why `gmm_t_sum` cannot serve dy0, dy1 [m, n] with w0, w1 [G, k, n] (None if it can)."""
-  return _shape_reason('gmm_t', 'ws_pair', m, k, n, dtype)
+  return _shape_reason('gmm_t', _PAIRED, m, k, n, dtype)
 
 
 def tgmm_pair_reason(m: int, k: int, n: int, dtype) -> str | None:
   """Why `tgmm_pair` cannot serve x [m, k] with dy0, dy1 [m, n] (None if it can)."""
-  return _shape_reason('tgmm', 'ws_pair', m, k, n, dtype)
+  return _shape_reason('tgmm', _PAIRED, m, k, n, dtype)
 
 
 def glu(x, w0, w1, group_sizes, activation):
   """x [M, K], w0, w1 [G, K, N] -> (h0, h1, activation(h0) * h1), each [M, N]."""
   m, k = x.shape
   n = w0.shape[2]
-  mult = _multiples('gmm', 'ws_pair', k, n)
+  mult = _multiples('gmm', _PAIRED, k, n)
   outs = hopper_ws.gmm_pair(_pad_rows(x, mult['K']), _pad_weights(w0, mult),
                             _pad_weights(w1, mult), group_sizes, epilogue='glu',
                             activation=activation, cfg=ws_pair_config('gmm', k, n))
@@ -278,7 +279,7 @@ def gmm_t_sum(dy0, w0, dy1, w1, group_sizes):
   """dy0, dy1 [M, N], w0, w1 [G, K, N] -> dy0 w0[g]^T + dy1 w1[g]^T [M, K]."""
   m = dy0.shape[0]
   k, n = w0.shape[1:]
-  mult = _multiples('gmm_t', 'ws_pair', k, n)
+  mult = _multiples('gmm_t', _PAIRED, k, n)
   dx = hopper_ws.gmm_pair(_pad_rows(dy0, mult['N']), _pad_weights(w0, mult),
                           _pad_weights(w1, mult), group_sizes, lhs1=_pad_rows(dy1, mult['N']),
                           epilogue='sum', cfg=ws_pair_config('gmm_t', k, n), transpose_rhs=True)
@@ -288,7 +289,7 @@ def gmm_t_sum(dy0, w0, dy1, w1, group_sizes):
 def tgmm_pair(x, dy0, dy1, group_sizes):
   """x [M, K], dy0, dy1 [M, N] -> (x_g^T dy0_g, x_g^T dy1_g), each [G, K, N]."""
   k, n = x.shape[1], dy0.shape[1]
-  mult = _multiples('tgmm', 'ws_pair', k, n)
+  mult = _multiples('tgmm', _PAIRED, k, n)
   dw0, dw1 = hopper_ws.tgmm(_pad_rows(x, mult['K']), _pad_rows(dy0, mult['N']), group_sizes,
                             rhs1=_pad_rows(dy1, mult['N']), cfg=ws_pair_config('tgmm', k, n))
   return dw0[:, :k, :n], dw1[:, :k, :n]

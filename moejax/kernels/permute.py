@@ -20,14 +20,14 @@ import jax.numpy as jnp
 
 def sort_slots(expert_index: jax.Array, num_experts: int
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """expert_index [T, K] (-1 = empty slot) -> (order [N], inverse [N], group_sizes [E] int32)."""
+  """expert_index [T, K] (-1 = empty slot) -> (order [N], inverse [N], rows_per_expert [E])."""
   key = jnp.where(expert_index < 0, num_experts, expert_index).reshape(-1).astype(jnp.int32)
   order = jnp.argsort(key, stable=True).astype(jnp.int32)
   # A permutation scatter with unique indices: no atomics, and no gradient flows through it.
   inverse = jnp.zeros_like(order).at[order].set(
       jnp.arange(order.size, dtype=jnp.int32), unique_indices=True)
-  group_sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-  return order, inverse, group_sizes
+  rows_per_expert = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+  return order, inverse, rows_per_expert
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
