@@ -1,4 +1,4 @@
-"""Checkpoints: a thin wrapper around orbax's CheckpointManager, plus the SIGTERM flag of the train loop.
+"""Checkpoints: a thin wrapper around orbax's CheckpointManager, plus the stop-signal flag of the train loop.
 
 Layout: `directory/<step>/state/...` (one orbax item named 'state'), with `directory/<step>/metrics` when the save
 carried metrics. Retention keeps the last `keep` checkpoints plus the one with the lowest `best_metric` (eval loss)
@@ -331,18 +331,26 @@ class Checkpointer:
     self._manager.close()
 
 
-def install_sigterm_flag():
-  """Installs a SIGTERM handler that only records the signal; returns `() -> bool`, whether SIGTERM arrived.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def install_stop_flag():
+  """Installs handlers for SIGTERM and SIGINT (Ctrl-C) that only record the signal; returns `() -> bool`,
+  whether one arrived.
 
   The train loop polls it each step (together with `Checkpointer.reached_preemption`), saves and returns
-  normally, so a preempted job exits 0 with a checkpoint at the step it reached. Must be called from the main
-  thread (Python's `signal` rule).
+  normally, so a preempted or interrupted job exits 0 with a checkpoint at the step it reached. A second
+  Ctrl-C ends the process at once: the first restores the system's default action for SIGINT. Must be called
+  from the main thread (Python's `signal` rule).
   """
   received = threading.Event()
 
   def handler(signum, frame):
-    del signum, frame
+    del frame
     received.set()
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-  signal.signal(signal.SIGTERM, handler)
+  for signum in STOP_SIGNALS:
+    signal.signal(signum, handler)
   return received.is_set

@@ -4,12 +4,14 @@ Shapes: L MoE layers, E experts (`expert_fraction` is logged as [L, E]).
 
 `workdir/metrics.jsonl` holds one JSON object per line: `step` plus the metrics, scalars as floats and arrays as
 (nested) lists; train lines carry `loss`, eval lines `eval_loss`. The file is only ever appended to, so a resumed
-run continues it; `truncate_after(step)` first drops the lines a killed run wrote past the restored checkpoint.
+run continues it; `truncate_after(step)` first drops the lines a killed run wrote past the restored checkpoint and
+any line a kill tore, so every line of the file parses again.
 """
 import json
 import math
 import os
 
+from absl import logging
 import jax
 import numpy as np
 import tensorboardX
@@ -111,17 +113,34 @@ class MetricWriter:
           self._tb.add_scalar(name, element, int(step))
 
   def truncate_after(self, step):
-    """Drops metrics.jsonl lines with step > `step` (atomically) and TensorBoard events after `step`."""
+    """Repairs metrics.jsonl for a run resuming at `step`: drops the lines past `step` and every line
+    that does not parse (a write torn by a kill), atomically, and the TensorBoard events after `step`.
+
+    Keeps the files untouched when there is nothing to drop.
+    """
     if not self.enabled:
       return
-    records = read_metrics(self.workdir)
-    kept = [r for r in records if r['step'] <= step]
-    if len(kept) == len(records):
-      return  # nothing to drop: keep the files (and TensorBoard's event file) as they are
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept, torn, later = [], 0, 0
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        torn += 1
+        continue
+      if record['step'] > step:
+        later += 1
+      else:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    if not torn and not later:
+      return
+    logging.warning('%s: dropped %d line(s) past step %d and %d that did not parse (torn writes)',
+                    self.path, later, step, torn)
     self._file.close()
     tmp_path = self.path + '.tmp'
     with open(tmp_path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in kept)
+      f.writelines(kept)
     os.replace(tmp_path, self.path)
     self._open()
     # purge_step makes TensorBoard discard the old events at steps >= purge_step when it reads the directory.

@@ -14,7 +14,8 @@ import jax
 @dataclasses.dataclass(frozen=True)
 class PeriodicAction:
   """Calls `fn(step, state, metrics)` after every `every`-th step and after the last step;
-  an `on_stop` action also runs at the step where the run stops early (preemption).
+  an `on_stop` action also runs at the step where the run stops early (preemption), and any
+  action runs after every step while its `overdue()` says it could not do its work when due.
 
   metrics: the step's device metrics (read them with jax.device_get only when needed).
   """
@@ -22,9 +23,11 @@ class PeriodicAction:
   every: int
   fn: Callable[[int, Any, dict], None]
   on_stop: bool = False
+  overdue: Callable[[], bool] = lambda: False
 
   def due(self, step: int, num_steps: int, stopping: bool) -> bool:
-    return step % self.every == 0 or step == num_steps or (stopping and self.on_stop)
+    return (step % self.every == 0 or step == num_steps or (stopping and self.on_stop)
+            or self.overdue())
 
 
 def run_due(actions: Sequence[PeriodicAction], step: int, num_steps: int, stopping: bool,

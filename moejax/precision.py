@@ -163,6 +163,10 @@ def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+# The lowest dynamic loss scale: below 1 the scaling would shrink fp16 gradients instead.
+LOSS_SCALE_FLOOR = 1.0
+
+
 @flax.struct.dataclass
 class DynamicLossScale:
   """fp16 dynamic loss scale; pure and jit-friendly (a pytree of two scalars).
@@ -183,12 +187,12 @@ class DynamicLossScale:
     return jax.tree.map(lambda g: (g * inv).astype(g.dtype), grads)
 
   def adjust(self, grads_finite: jax.Array) -> 'DynamicLossScale':
-    """New scale after a step: shrink by `factor` on overflow (never below 1), grow after `period`
-    consecutive finite steps. The caller skips the parameter update when `grads_finite` is False."""
+    """New scale after a step: shrink by `factor` on overflow (never below LOSS_SCALE_FLOOR), grow
+    after `period` consecutive finite steps. The caller skips the parameter update when `grads_finite` is False."""
     grow = grads_finite & (self.good_steps + 1 >= self.period)
     scale = jnp.where(grads_finite,
                       jnp.where(grow, self.scale * self.factor, self.scale),
-                      jnp.maximum(self.scale / self.factor, 1.0))
+                      jnp.maximum(self.scale / self.factor, LOSS_SCALE_FLOOR))
     good_steps = jnp.where(grads_finite & ~grow, self.good_steps + 1, 0)
     return self.replace(scale=scale.astype(jnp.float32), good_steps=good_steps.astype(jnp.int32))
 

@@ -5,10 +5,17 @@ Shapes: B batch (global), S seq, V vocab, E experts, L_moe MoE layers.
 The train step is a pure, jitted function `(state, batch [..., B, S+1] int32) -> (state, metrics)`
 with the state donated. It minimises an objective `(model output, batch) -> (loss, metrics)`
 (moejax.objective), by default cross-entropy (float32, mean over the B·S tokens) plus the model's
-weighted aux losses. A step whose loss or grads are not finite leaves params, optimizer state and
-router state unchanged (the step counter still advances) and counts itself in `nonfinite_count`;
-`train.max_nonfinite_steps` such steps in a row stop the run. Under fp16 the loss is scaled by the
-state's `DynamicLossScale` (see moejax.precision).
+weighted aux losses. A step whose loss or grads are not finite, or whose update would make any
+parameter, optimizer moment or router state non-finite, leaves them unchanged (the step counter
+still advances) and counts itself in `nonfinite_count` (in a row) and `skipped_steps` (in all);
+`train.max_nonfinite_steps` such steps in a row stop the run, except while an fp16 loss scale is
+still falling (each overflow halves it, down to precision.LOSS_SCALE_FLOOR). Under fp16 the loss
+is scaled by the state's `DynamicLossScale` (see moejax.precision).
+
+A checkpoint is never saved during a run of skipped steps (its parameters would be those whose
+gradients were not finite): the save waits for the next finite step. So every checkpoint holds a
+zero count in a row, and a halted run resumed with a lower learning rate or loss scale starts it
+at zero; `skipped_steps` is part of the state and survives resume.
 
 The loop (`train_and_evaluate`) steps and runs the periodic actions built before it (progress
 line, eval, checkpoint; moejax.periodic). It resumes from the latest checkpoint in
@@ -55,6 +62,7 @@ class TrainState:
   state. model_state: the 'router_state' collection ({} when the model has none). rng: uint32 [2]
   base key (each step folds in its step number). loss_scale: precision.DynamicLossScale (fp16) or
   NoOpLossScale. nonfinite_count: int32 [] consecutive skipped (non-finite) steps.
+  skipped_steps: int32 [] all skipped steps of the run, across resumes.
   """
   step: jax.Array
   params: PyTree
@@ -63,6 +71,7 @@ class TrainState:
   rng: jax.Array
   loss_scale: Any
   nonfinite_count: jax.Array
+  skipped_steps: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +223,7 @@ def make_init_fn(config: ml_collections.ConfigDict, model: nn.Module,
         model_state=dict(variables.get('router_state', {})), rng=state_rng,
         loss_scale=precision.loss_scale_for(prec.policy, prec.loss_scale_init,
                                             prec.loss_scale_period),
-        nonfinite_count=jnp.zeros([], jnp.int32))
+        nonfinite_count=jnp.zeros([], jnp.int32), skipped_steps=jnp.zeros([], jnp.int32))
   return init
 
 
@@ -239,8 +248,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   objective's (by default `loss`, the cross-entropy, and the model's aux values `aux_loss`,
   `load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy`, `expert_fraction`
   [L_moe, E]), then
-  `learning_rate`, `grad_norm`, `loss_scale`, `skipped` (1 when this step's update was skipped)
-  and `nonfinite_count`.
+  `learning_rate`, `grad_norm`, `loss_scale` (the scale this step used), `skipped` (1 when this
+  step's update was skipped), `nonfinite_grads` (1 when it was skipped for its loss or grads
+  rather than its update), `nonfinite_count` and `skipped_steps`.
   """
   def train_step(state: TrainState, batch: jax.Array):
     # Folding in the step keeps the rng out of the updated state and makes step t's noise the same
@@ -257,18 +267,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     grads, (loss, objective_metrics, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = state.loss_scale.unscale(grads)
-    finite = precision.all_finite(grads) & jnp.isfinite(loss)
+    grads_finite = precision.all_finite(grads) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     rounding_key = (jax.random.fold_in(step_rng, _ROUNDING_STREAM) if stochastic_rounding
                     else None)
     params = precision.apply_updates(state.params, updates, rounding_key)
+    # Finite grads can still give a non-finite update (a huge learning rate): check what is kept.
+    finite = grads_finite & precision.all_finite((params, opt_state, model_state))
     new_state = state.replace(
         step=state.step + 1,
         params=precision.select_tree(finite, params, state.params),
         opt_state=precision.select_tree(finite, opt_state, state.opt_state),
         model_state=precision.select_tree(finite, model_state, state.model_state),
-        loss_scale=state.loss_scale.adjust(finite),
-        nonfinite_count=jnp.where(finite, 0, state.nonfinite_count + 1).astype(jnp.int32))
+        # Only an overflow in the grads says the loss scale is too high.
+        loss_scale=state.loss_scale.adjust(grads_finite),
+        nonfinite_count=jnp.where(finite, 0, state.nonfinite_count + 1).astype(jnp.int32),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
     # The rate this update used: the schedule's own count (the chain's last state) does not
     # advance on skipped steps, unlike state.step.
     learning_rate = schedule(ensemble_lib.schedule_count(state.opt_state)
@@ -276,7 +290,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     metrics = dict(
         **objective_metrics, learning_rate=learning_rate, grad_norm=optax.tree.norm(grads),
         loss_scale=state.loss_scale.scale, skipped=(~finite).astype(jnp.int32),
-        nonfinite_count=new_state.nonfinite_count)
+        nonfinite_grads=(~grads_finite).astype(jnp.int32),
+        nonfinite_count=new_state.nonfinite_count, skipped_steps=new_state.skipped_steps)
     return new_state, metrics
 
   return train_step
@@ -364,11 +379,6 @@ def _eval_batches(ds, config, mesh, rules) -> list[jax.Array]:
   return [sharding.global_batch(batch, mesh, rules) for batch in local]
 
 
-def _restore_sigterm_handler(previous):
-  if previous is not None:
-    signal.signal(signal.SIGTERM, previous)
-
-
 def _host(metrics: dict) -> dict:
   """Device metrics -> floats (scalars) and nested lists (arrays) for the writers."""
   out = {}
@@ -378,35 +388,63 @@ def _host(metrics: dict) -> dict:
   return out
 
 
-class _SkipCounter:
-  """Counts the steps that skipped their update (non-finite loss or grads).
+class _HaltCheck:
+  """Stops the run once `train.max_nonfinite_steps` steps in a row were skipped, with a message
+  that says why and what the checkpoints hold.
 
-  Each step's flags are read one step late, so the host never waits idle on the device; raises
-  FloatingPointError once `max_nonfinite_steps` steps in a row were skipped.
+  Each step's flags are read one step late, so the host never waits idle on the device. It does
+  not fire while an fp16 loss scale is still falling: those skips are the scale searching.
   """
 
-  def __init__(self, max_nonfinite_steps: int):
-    self._max = max_nonfinite_steps
+  def __init__(self, config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Checkpointer):
+    self._config, self._ckpt = config, ckpt
     self._pending = None  # (step, device metrics) not yet read
-    self._total = 0
 
   def observe(self, step: int, metrics: dict) -> None:
-    self.total()
+    self.check()
     self._pending = (step, metrics)
 
-  def total(self) -> int:
-    """Skipped steps so far, including the last observed one."""
-    if self._pending is not None:
-      step, metrics = self._pending
-      self._pending = None
-      count = int(metrics['nonfinite_count'])
-      if count >= self._max:
-        raise FloatingPointError(
-            f'{count} non-finite steps in a row, the last at step {step} '
-            f'(train.max_nonfinite_steps={self._max}); lower optim.learning_rate or check the '
-            'data; the latest checkpoint holds the last finite parameters')
-      self._total += int(metrics['skipped'])
-    return self._total
+  def check(self) -> None:
+    """Reads the last observed step's flags; raises FloatingPointError to halt."""
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    flags = jax.device_get({k: metrics[k] for k in ('nonfinite_count', 'nonfinite_grads',
+                                                     'loss_scale')})
+    count, limit = int(flags['nonfinite_count']), self._config.train.max_nonfinite_steps
+    scale_falling = bool(flags['nonfinite_grads']) and flags['loss_scale'] > precision.LOSS_SCALE_FLOOR
+    if count >= limit and not scale_falling:
+      raise FloatingPointError(self._message(step, count, bool(flags['nonfinite_grads']),
+                                             float(flags['loss_scale'])))
+
+  def _message(self, step, count, nonfinite_grads, loss_scale):
+    prec, first = self._config.precision, step - count + 1
+    if not nonfinite_grads:
+      cause = ('its gradients were finite but its update was not (parameters or optimizer '
+               'state would have become non-finite): lower optim.learning_rate')
+    elif prec.policy == 'fp16':
+      cause = (f'its gradients were not finite with the fp16 loss scale at its floor '
+               f'{precision.LOSS_SCALE_FLOOR:g} (down from precision.loss_scale_init='
+               f'{prec.loss_scale_init:g}; it was {loss_scale:g}): lower optim.learning_rate or '
+               'check the data')
+    else:
+      cause = 'its gradients were not finite: lower optim.learning_rate or check the data'
+    self._ckpt.wait()
+    newest = self._ckpt.latest_step()
+    if newest is None:
+      saved = ('no checkpoint was saved; running again (e.g. with the lower rate) starts again '
+               'from step 0')
+    elif newest >= first - 1 and nonfinite_grads:
+      saved = (f'the newest checkpoint, step {newest}, holds the parameters whose gradients '
+               f'were not finite at step {first}: resume from an earlier one (move '
+               f'{self._ckpt.directory}/{newest} away) or use a new workdir')
+    else:
+      saved = (f'the newest checkpoint, step {newest}, predates these steps (none is saved '
+               'while steps are skipped); resuming from it restarts the count at zero')
+    return (f'{count} non-finite steps in a row, steps {first} to {step}, the last at step {step} '
+            f'(train.max_nonfinite_steps={self._config.train.max_nonfinite_steps}); {cause}; '
+            f'{saved}')
 
 
 def _throughput(seconds_per_step: float, tokens_per_step: int, flops_per_step: float,
@@ -424,8 +462,8 @@ def _throughput(seconds_per_step: float, tokens_per_step: int, flops_per_step: f
 # 'eval_step'), which later actions and the loop's return value read.
 
 
-def _progress_action(config, writer, timer: periodic.StepTimer, skips: _SkipCounter,
-                     results: dict, is_main: bool) -> periodic.PeriodicAction:
+def _progress_action(config, writer, timer: periodic.StepTimer, results: dict, is_main: bool
+                     ) -> periodic.PeriodicAction:
   """Writes the train metrics line (with throughput and skipped_steps) and prints progress."""
   num_steps = config.train.num_steps
   tokens_per_step = config.ensemble.size * config.data.batch_size * config.data.seq_len
@@ -435,8 +473,7 @@ def _progress_action(config, writer, timer: periodic.StepTimer, skips: _SkipCoun
   def log(step, state, metrics):
     del state
     line = _host(metrics)
-    del line['nonfinite_count']
-    line['skipped_steps'] = float(skips.total())
+    del line['nonfinite_count'], line['nonfinite_grads']
     seconds_per_step = timer.seconds_per_step(step)
     if seconds_per_step is not None:
       line.update(_throughput(seconds_per_step, tokens_per_step, flops_per_step, peak_flops))
@@ -467,13 +504,24 @@ def _eval_action(config, eval_fn: Callable[[TrainState], dict], writer, results:
 
 def _checkpoint_action(config, ckpt: checkpoint_lib.Checkpointer, results: dict
                        ) -> periodic.PeriodicAction:
-  """Saves the state (with this step's eval loss, when it was evaluated, to rank the best)."""
+  """Saves the state (with this step's eval loss, when it was evaluated, to rank the best).
+
+  Not while steps are being skipped: the parameters are then those whose gradients were not
+  finite, so the save is overdue until the next finite step. Refuses non-finite parameters.
+  """
   def save(step, state, metrics):
-    del metrics
+    results['save_overdue'] = bool(jax.device_get(metrics['nonfinite_count']))
+    if results['save_overdue']:
+      return
+    if not bool(jax.jit(precision.all_finite)(state.params)):
+      raise FloatingPointError(f'step {step}: the parameters are not finite; not saving them '
+                               f'to {ckpt.directory}')
     evaluated = results['eval_step'] == step
     ckpt.save(step, state, metrics={'eval_loss': results['eval']['eval_loss']}
               if evaluated else None, force=True)
-  return periodic.PeriodicAction('checkpoint', config.train.checkpoint_every, save, on_stop=True)
+    results['saved_step'] = step
+  return periodic.PeriodicAction('checkpoint', config.train.checkpoint_every, save, on_stop=True,
+                                 overdue=lambda: results['save_overdue'])
 
 
 def _plot(workdir: str) -> None:
@@ -487,8 +535,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics.
 
   The returned dict holds the last train metrics plus `step`, `eval_loss`, `eval_bits_per_byte`
-  and `eval_perplexity` of the final parameters. SIGTERM saves a checkpoint at the step reached
-  and returns normally.
+  and `eval_perplexity` of the final parameters. SIGTERM or SIGINT (Ctrl-C) saves a checkpoint
+  at the step reached and returns normally; a second Ctrl-C ends the process at once.
   """
   # --- Setup: every check before anything is written ------------------------------------------
   validate_config(config)
@@ -512,12 +560,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if lock is not None:
       lock.release()
     raise
-  # Preemption: a single process catches SIGTERM itself (from the main thread, the only one
-  # allowed to; the previous handler comes back when the run ends). Several processes rely on
-  # jax's preemption sync through `ckpt.reached_preemption`, so that all stop at the same step.
-  catch_sigterm = (threading.current_thread() is threading.main_thread()
+  # Preemption: a single process catches SIGTERM and SIGINT itself (from the main thread, the
+  # only one allowed to; the previous handlers come back when the run ends). Several processes
+  # rely on jax's preemption sync through `ckpt.reached_preemption`, so that all stop at the same
+  # step.
+  catch_signals = (threading.current_thread() is threading.main_thread()
                    and jax.process_count() == 1)
-  previous_handler = signal.getsignal(signal.SIGTERM) if catch_sigterm else None
+  previous_handlers = ({sig: signal.getsignal(sig) for sig in checkpoint_lib.STOP_SIGNALS}
+                       if catch_signals else {})
   try:
     # A fresh run may start from another workdir's parameters (read outside the mesh: they come
     # back on one device and are placed below).
@@ -554,13 +604,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_step = jax.jit(make_eval_step(exp.model, exp.eval_objective),
                           in_shardings=(exp.state_shardings, exp.eval_batches[0].sharding))
       eval_fn = lambda s: run_eval(eval_step, s, exp.eval_batches, exp.ds.bytes_per_token)
-      timer, skips = periodic.StepTimer(), _SkipCounter(config.train.max_nonfinite_steps)
-      results = {'train': {}, 'eval': {}, 'eval_step': None}
-      actions = (_progress_action(config, writer, timer, skips, results, is_main),
+      timer, halt = periodic.StepTimer(), _HaltCheck(config, ckpt)
+      results = {'train': {}, 'eval': {}, 'eval_step': None, 'save_overdue': False,
+                 'saved_step': None}
+      actions = (_progress_action(config, writer, timer, results, is_main),
                  _eval_action(config, eval_fn, writer, results, is_main),
                  _checkpoint_action(config, ckpt, results))
-      sigterm_received = (checkpoint_lib.install_sigterm_flag() if catch_sigterm
-                          else lambda: False)
+      stop_requested = checkpoint_lib.install_stop_flag() if catch_signals else lambda: False
 
       # --- Loop ----------------------------------------------------------------------------------
       while step < num_steps:
@@ -570,16 +620,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         local = exp.ds.train_batch(step, jax.process_index(), jax.process_count())
         state, metrics = train_step(state, sharding.global_batch(local, mesh, rules))
         step += 1
-        skips.observe(step, metrics)
-        stop = sigterm_received() or ckpt.reached_preemption(step)
+        halt.observe(step, metrics)
+        ckpt.check()  # a background save that failed stops the run now, naming its step
+        stop = stop_requested() or ckpt.reached_preemption(step)
         ran = periodic.run_due(actions, step, num_steps, stop, state, metrics)
         # Compilation (the first step) and the actions' own time stay out of step_time.
         if ran or not timer.started:
           timer.restart(step, metrics)
         if stop:
-          logging.info('Preempted: saved a checkpoint at step %d', step)
+          logging.warning('Stopped at step %d: %s', step,
+                          'saved a checkpoint' if results['saved_step'] == step else
+                          'no checkpoint (steps were being skipped); the newest is the last one')
           break
-      skips.total()
+      halt.check()
 
       # --- Final eval (when this call trained nothing) and wait for the last save ----------------
       if not results['eval']:  # already at num_steps: report the restored parameters anyway
@@ -589,7 +642,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
       _plot(workdir)
   finally:
-    _restore_sigterm_handler(previous_handler)
+    for sig, handler in previous_handlers.items():
+      signal.signal(sig, handler)
     writer.close()
     ckpt.close()
     if lock is not None:

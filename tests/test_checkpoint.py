@@ -1,4 +1,4 @@
-"""Tests for moejax/checkpoint.py: round trip, retention, atomicity, sharded restore, SIGTERM flag."""
+"""Tests for moejax/checkpoint.py: round trip, retention, atomicity, sharded restore, stop-signal flag."""
 import os
 import shutil
 import signal
@@ -143,18 +143,23 @@ def test_restore_onto_explicit_sharding(tmp_path):
   ckpt.close()
 
 
-def test_sigterm_flag():
-  previous = signal.getsignal(signal.SIGTERM)
+def test_stop_flag_sigterm_and_sigint_and_a_second_ctrl_c_is_the_default_action():
+  previous = {sig: signal.getsignal(sig) for sig in checkpoint.STOP_SIGNALS}
   try:
-    received = checkpoint.install_sigterm_flag()
-    assert not received()
-    os.kill(os.getpid(), signal.SIGTERM)
-    deadline = time.time() + 5
-    while not received() and time.time() < deadline:
-      time.sleep(0.01)
-    assert received()
+    for sig in checkpoint.STOP_SIGNALS:
+      received = checkpoint.install_stop_flag()
+      assert not received()
+      os.kill(os.getpid(), sig)
+      deadline = time.time() + 5
+      while not received() and time.time() < deadline:
+        time.sleep(0.01)
+      assert received()
+    # After the first Ctrl-C the next one is the system's: the process ends at once.
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, previous[signal.SIGTERM])
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def test_reached_preemption_is_false_without_a_preemption(tmp_path):

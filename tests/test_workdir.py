@@ -11,10 +11,8 @@ import socket
 import subprocess
 import sys
 
-import jax
 import pytest
 
-from moejax import checkpoint
 from moejax import train
 from moejax import workdir as workdir_lib
 from test_train import REPO
