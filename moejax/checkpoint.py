@@ -187,7 +187,9 @@ class Checkpointer:
       if self.keep_best and self.best_metric not in metrics:
         raise ValueError(f'Checkpointer.save: metrics {sorted(metrics)} lack {self.best_metric!r}, which '
                          'keep_best ranks checkpoints by')
-    self.check()
+    # orbax waits for the previous save before it starts this one: wait here, so that a failure of
+    # the previous save is reported under its own step.
+    self.wait()
     self._saving = step
     try:
       return self._manager.save(step, args=ocp.args.Composite(**{_ITEM: ocp.args.StandardSave(state)}),
@@ -328,7 +330,11 @@ class Checkpointer:
       self._manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except
       logging.error('%s', self._save_error(self._saving, error))
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as error:  # pylint: disable=broad-except
+      # orbax re-raises a failed save here; it was reported already.
+      logging.info('closing %s after a failed save: %s', self.directory, error)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -93,7 +93,7 @@ def train_state(config, params, tx):
       model_state=dict(router_state), rng=jax.random.PRNGKey(config.seed),
       loss_scale=precision.loss_scale_for(prec.policy, prec.loss_scale_init,
                                           prec.loss_scale_period),
-      nonfinite_count=jnp.zeros([], jnp.int32))
+      nonfinite_count=jnp.zeros([], jnp.int32), skipped_steps=jnp.zeros([], jnp.int32))
 
 
 def jit_train_step(config, tx=None):
