@@ -7,12 +7,14 @@ most) with a fresh `mmap`, and a block larger than a thread arena's 64 MiB heap 
 whatever the threshold, then unmaps it on free; the runtime's worker threads allocate from such
 thread arenas. So every step touched 166 k fresh zero pages: about a quarter of the step's CPU
 time went to the kernel's page faults (docs/benchmarks.md). With one arena, no mmap and no
-trimming, the freed block stays in the heap and the next step reuses it: no page faults after the
-first few steps. The price: the process keeps its peak heap until it exits, and all threads share
-one arena lock (XLA allocates little per step besides its buffers).
+trimming below 2 GiB of free heap, the freed block stays in the heap and the next step reuses it:
+no page faults after the first few steps. The price: the heap never shrinks, and it may hold a
+few such blocks, since a new block does not always fit the hole the last one left (moe_tiny:
+2.6 GiB resident from step 21 on); and all threads share one arena lock (XLA allocates little per
+step besides its buffers).
 
 `reuse_freed_memory()` must run before the JAX backend starts (before the first array or
-`jax.devices()`): threads that already allocated keep their arenas. The experiment scripts call
+`jax.devices()`): threads that already allocated keep their arenas. `experiments/train.py` calls
 it first thing; a notebook or program that trains on CPU can too. On other C libraries (macOS,
 musl) it does nothing and returns False.
 """
