@@ -346,6 +346,10 @@ def merge_workdirs(method: str, sources: Sequence[str], workdir: str,
   restored = [workdir_lib.restore_params(w) for w in sources]
   source_configs = [r[0] for r in restored]
   names = list(sources)
+  for source_config, name in zip(source_configs, names):
+    if source_config.ensemble.size > 1:
+      raise ValueError(f'ensemble.size={source_config.ensemble.size} in {name}; the merges take '
+                       'single-model workdirs')
   check_fit([c.model for c in source_configs], names,
             TRUNK_KEYS if method == 'upcycle' else SHAPE_KEYS)
   if method == 'btx':

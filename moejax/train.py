@@ -701,6 +701,9 @@ def teacher_log_probs_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.M
   `train.distill_from`, whose parameters are replicated over `mesh` (read once, outside it)."""
   teacher_config, params, model_state = workdir_lib.restore_params(config.train.distill_from)
   source = f'train.distill_from={config.train.distill_from!r}'
+  if teacher_config.ensemble.size > 1:
+    raise ValueError(f'{source}: an ensemble teacher (ensemble.size={teacher_config.ensemble.size}'
+                     ') is not supported yet; distil a single-model workdir')
   if teacher_config.model.vocab_size != config.model.vocab_size:
     raise ValueError(f'{source}: the teacher\'s model.vocab_size={teacher_config.model.vocab_size}'
                      f', the student\'s {config.model.vocab_size}; they must share a vocabulary')
