@@ -121,7 +121,7 @@ def test_fp16_does_not_halt_while_the_loss_scale_falls(tmp_path):
   final = train.train_and_evaluate(config, workdir)
   lines = train_lines(workdir)
   streak = next(s for s in sorted(lines) if not lines[s]['skipped']) - 1
-  assert streak > config.train.max_nonfinite_steps
+  assert streak >= config.train.max_nonfinite_steps  # the old halt fired at this count
   assert final['step'] == 40 and not lines[40]['skipped']
   assert lines[streak]['loss_scale'] == pytest.approx(1e12 / 2**(streak - 1))
 
