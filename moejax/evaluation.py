@@ -39,9 +39,9 @@ def load_members(workdirs: Sequence[str]
   """(first config, members function, M, the latest checkpoint step of each workdir)."""
   configs, fns, steps = [], [], []
   for workdir in workdirs:
-    config, params, model_state = workdir_lib.restore_params(workdir)
+    config, params, router_state = workdir_lib.restore_params(workdir)
     model = ensemble.build_model(config, precision.get_policy(config.precision.policy))
-    variables = _variables(params, model_state)
+    variables = _variables(params, router_state)
     configs.append(config)
     fns.append(ensemble.members_fn(model, variables))
     steps.append(_latest_step(workdir))
@@ -84,11 +84,11 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
   name, policy = precision.inference_policy(first.precision.policy, precision_name)
   num_members = sum(config.ensemble.size for config, _, _ in restored)
   if num_members == 1:
-    config, params, model_state = restored[0]
+    config, params, router_state = restored[0]
     quantized = quantize == 'int8'
     model = ensemble.build_model(config, policy, 'int8' if quantized else '')
     params = int8.quantize_expert_params(params) if quantized else params
-    return Decoder(config, name, model, _variables(params, model_state), {})
+    return Decoder(config, name, model, _variables(params, router_state), {})
   if quantize != 'none':
     raise ValueError(f'--quantize={quantize}: int8 experts are for a single model, not an '
                      f'ensemble of {num_members}')
@@ -99,10 +99,10 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
     return {'members': jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)}
 
   params = stacked([p for _, p, _ in restored])
-  model_state = stacked([s for _, _, s in restored]) if restored[0][2] else {}
+  router_state = stacked([s for _, _, s in restored]) if restored[0][2] else {}
   config = _with_fusion(first, num_members, fusion, weights)
   model = ensemble.build_model(config, policy)
-  variables = _variables(params, model_state)
+  variables = _variables(params, router_state)
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   fusion_params = ensemble.fit_on_holdout(config, ensemble.holdout_split(config, ds), ds,
                                           ensemble.members_fn(model, variables))
@@ -111,8 +111,8 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
                       fusion_params=fusion_params))
 
 
-def _variables(params, model_state) -> dict:
-  return {'params': params, **({'router_state': model_state} if model_state else {})}
+def _variables(params, router_state) -> dict:
+  return {'params': params, **({'router_state': router_state} if router_state else {})}
 
 
 def _latest_step(workdir: str) -> int:

@@ -50,7 +50,7 @@ def generate(model, params, prompt_tokens, num_new_tokens, rng, temperature=1.0,
   """Continues prompt_tokens [B, P] by num_new_tokens; returns tokens [B, P + N] int32.
 
   params: the 'params' collection (boxed or not); router_state: the 'router_state' collection
-  (`TrainState.model_state`), needed by routers that keep state (aux-free bias); None or {} when
+  (`TrainState.router_state`), needed by routers that keep state (aux-free bias); None or {} when
   there is none. temperature 0 samples greedily; top_k > 0 samples among the k most likely tokens
   only. fusion, weights, fusion_params: how an Ensemble's members are fused at every step (see
   `ensemble.fuse`; 'stacked' and 'gated' need `ensemble.fit_fusion`'s fusion_params); a

@@ -313,13 +313,13 @@ def target_config(method: str, source_configs: Sequence[ml_collections.ConfigDic
   return config, changes
 
 
-def _selection_loss_fn(config: ml_collections.ConfigDict, model_state: PyTree
+def _selection_loss_fn(config: ml_collections.ConfigDict, router_state: PyTree
                        ) -> Callable[[PyTree], float]:
   """params -> mean cross-entropy on `train.eval_steps` batches of the selection split."""
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   batches = [jnp.asarray(b) for b in ds.selection_batches(config.train.eval_steps)]
   model = model_lib.build_model(config.model, precision.get_policy(config.precision.policy))
-  variables = lambda p: {'params': p, 'router_state': model_state} if model_state else {
+  variables = lambda p: {'params': p, 'router_state': router_state} if router_state else {
       'params': p}
 
   @jax.jit
@@ -373,10 +373,10 @@ def merge_workdirs(method: str, sources: Sequence[str], workdir: str,
                                 jax.random.PRNGKey(config.seed))
     else:
       params, actions = btx(params_list, fresh['params'], config.model)
-    model_state = dict(fresh.get('router_state', {}))
+    router_state = dict(fresh.get('router_state', {}))
   else:
-    model_states = [r[2] for r in restored]
-    model_state = uniform_soup(model_states) if model_states[0] else model_states[0]
+    router_states = [r[2] for r in restored]
+    router_state = uniform_soup(router_states) if router_states[0] else router_states[0]
     if method == 'soup':
       params = uniform_soup(params_list)
       detail = f'mean of {len(sources)} ingredients'
@@ -386,7 +386,7 @@ def merge_workdirs(method: str, sources: Sequence[str], workdir: str,
         raise ValueError(f'data.selection_fraction: {sorted(fractions)} in the sources; the greedy '
                          'soup selects on held-out training files, so train every ingredient '
                          'with the same data.selection_fraction > 0')
-      soup = greedy_soup(params_list, _selection_loss_fn(config, model_state))
+      soup = greedy_soup(params_list, _selection_loss_fn(config, router_state))
       params = soup.params
       lines += [f'selection loss {soup.ingredient_losses[i]:.4f} {sources[i]}'
                 + (' (kept)' if i in soup.kept else '') for i in soup.order]
@@ -395,6 +395,6 @@ def merge_workdirs(method: str, sources: Sequence[str], workdir: str,
     kind = 'copied' if method == 'greedy_soup' and len(soup.kept) == 1 else 'averaged'
     actions = [Action(kind, '/'.join(str(getattr(k, 'key', k)) for k in path), detail)
                for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-  train.init_workdir(config, workdir, params, model_state)
+  train.init_workdir(config, workdir, params, router_state)
   return lines + [summarize(actions), f'wrote {workdir} (step 0; train.py --workdir={workdir} '
                                       'continues it)']

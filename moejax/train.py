@@ -58,8 +58,11 @@ PyTree = Any
 class TrainState:
   """Everything a step reads and writes; a pytree of arrays, checkpointed as a whole.
 
+  Checkpoints key the fields by name: one written before a field's rename does not restore (no
+  migration).
+
   step: int32 [] completed steps. params: the 'params' collection (unboxed). opt_state: optax
-  state. model_state: the 'router_state' collection ({} when the model has none). rng: uint32 [2]
+  state. router_state: the 'router_state' collection ({} when the model has none). rng: uint32 [2]
   base key (each step folds in its step number). loss_scale: precision.DynamicLossScale (fp16) or
   NoOpLossScale. nonfinite_count: int32 [] consecutive skipped (non-finite) steps.
   skipped_steps: int32 [] all skipped steps of the run, across resumes.
@@ -67,7 +70,7 @@ class TrainState:
   step: jax.Array
   params: PyTree
   opt_state: PyTree
-  model_state: PyTree
+  router_state: PyTree
   rng: jax.Array
   loss_scale: Any
   nonfinite_count: jax.Array
@@ -220,15 +223,15 @@ def make_init_fn(config: ml_collections.ConfigDict, model: nn.Module,
     params = variables['params']
     return TrainState(
         step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-        model_state=dict(variables.get('router_state', {})), rng=state_rng,
+        router_state=dict(variables.get('router_state', {})), rng=state_rng,
         loss_scale=precision.loss_scale_for(prec.policy, prec.loss_scale_init,
                                             prec.loss_scale_period),
         nonfinite_count=jnp.zeros([], jnp.int32), skipped_steps=jnp.zeros([], jnp.int32))
   return init
 
 
-def _variables(params, model_state):
-  return {'params': params, 'router_state': model_state} if model_state else {'params': params}
+def _variables(params, router_state):
+  return {'params': params, 'router_state': router_state} if router_state else {'params': params}
 
 
 # fold_in tag of the step key that stochastic rounding uses, apart from the router's noise.
@@ -259,13 +262,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     def loss_fn(params):
       output, new_vars = model.apply(
-          _variables(params, state.model_state), batch[..., :-1], train=True,
+          _variables(params, state.router_state), batch[..., :-1], train=True,
           rngs={'router': step_rng}, mutable=['router_state'])
       loss, metrics = objective(output, batch)
       return state.loss_scale.scale_loss(loss), (loss, metrics,
                                                  dict(new_vars.get('router_state', {})))
 
-    grads, (loss, objective_metrics, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (loss, objective_metrics, router_state) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = state.loss_scale.unscale(grads)
     grads_finite = precision.all_finite(grads) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -273,12 +276,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                     else None)
     params = precision.apply_updates(state.params, updates, rounding_key)
     # Finite grads can still give a non-finite update (a huge learning rate): check what is kept.
-    finite = grads_finite & precision.all_finite((params, opt_state, model_state))
+    finite = grads_finite & precision.all_finite((params, opt_state, router_state))
     new_state = state.replace(
         step=state.step + 1,
         params=precision.select_tree(finite, params, state.params),
         opt_state=precision.select_tree(finite, opt_state, state.opt_state),
-        model_state=precision.select_tree(finite, model_state, state.model_state),
+        router_state=precision.select_tree(finite, router_state, state.router_state),
         # Only an overflow in the grads says the loss scale is too high.
         loss_scale=state.loss_scale.adjust(grads_finite),
         nonfinite_count=jnp.where(finite, 0, state.nonfinite_count + 1).astype(jnp.int32),
@@ -303,7 +306,7 @@ def make_eval_step(model: nn.Module,
   """`(state, batch [..., B, S+1]) -> the objective's metrics` of the model without training
   noise; `metrics['loss']` is the batch's eval loss."""
   def eval_step(state: TrainState, batch: jax.Array):
-    output = model.apply(_variables(state.params, state.model_state), batch[..., :-1],
+    output = model.apply(_variables(state.params, state.router_state), batch[..., :-1],
                          train=False)
     return objective(output, batch)[1]
   return eval_step
@@ -616,7 +619,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while step < num_steps:
         if config.ensemble.size > 1:  # boosting by reweighting draws a member's data at its stage
           exp.ds.start_stage(step, lambda: ensemble_lib.members_fn(
-              exp.model, _variables(state.params, state.model_state)))
+              exp.model, _variables(state.params, state.router_state)))
         local = exp.ds.train_batch(step, jax.process_index(), jax.process_count())
         state, metrics = train_step(state, sharding.global_batch(local, mesh, rules))
         step += 1
@@ -699,7 +702,7 @@ def teacher_log_probs_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.M
                         ) -> Callable[[jax.Array], jax.Array]:
   """tokens [B, S] -> log-probabilities [B, S, V] of the teacher model in
   `train.distill_from`, whose parameters are replicated over `mesh` (read once, outside it)."""
-  teacher_config, params, model_state = workdir_lib.restore_params(config.train.distill_from)
+  teacher_config, params, router_state = workdir_lib.restore_params(config.train.distill_from)
   source = f'train.distill_from={config.train.distill_from!r}'
   if teacher_config.ensemble.size > 1:
     raise ValueError(f'{source}: an ensemble teacher (ensemble.size={teacher_config.ensemble.size}'
@@ -713,7 +716,7 @@ def teacher_log_probs_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.M
   teacher = model_lib.build_model(teacher_config.model,
                                   precision.get_policy(teacher_config.precision.policy))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  variables = jax.device_put(_variables(params, model_state), replicated)
+  variables = jax.device_put(_variables(params, router_state), replicated)
 
   def log_probs(tokens):
     logits, _ = teacher.apply(variables, tokens, train=False)
@@ -738,8 +741,8 @@ def training_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
 
 def with_params(state: TrainState, state_shardings: TrainState, params: PyTree,
-                model_state: PyTree, source: str) -> TrainState:
-  """`state` with `params` and `model_state` (placed like the state's own) in place of its own.
+                router_state: PyTree, source: str) -> TrainState:
+  """`state` with `params` and `router_state` (placed like the state's own) in place of its own.
 
   Keeps the fresh optimizer moments, step and rng: a run started from another model's
   parameters (train.init_from, a merged workdir) trains with its own optimizer from step 0.
@@ -761,18 +764,18 @@ def with_params(state: TrainState, state_shardings: TrainState, params: PyTree,
                        'differ')
 
   check('params', state.params, params)
-  check('model_state', state.model_state, model_state)
+  check('router_state', state.router_state, router_state)
   place = lambda tree, like, shardings: jax.tree.map(
       lambda x, ref, s: jax.device_put(jnp.asarray(x, ref.dtype), s), tree, like, shardings)
   return state.replace(
       params=place(params, state.params, state_shardings.params),
-      model_state=place(model_state, state.model_state, state_shardings.model_state))
+      router_state=place(router_state, state.router_state, state_shardings.router_state))
 
 
 def init_workdir(config: ml_collections.ConfigDict, workdir: str, params: PyTree,
-                 model_state: PyTree | None = None) -> None:
+                 router_state: PyTree | None = None) -> None:
   """Writes a new workdir: `config.json` and a step-0 checkpoint holding `params` (and
-  `model_state`, else the fresh one) with a fresh optimizer state; `train.py --workdir` then
+  `router_state`, else the fresh one) with a fresh optimizer state; `train.py --workdir` then
   trains it, evaluate.py scores it and generate.py samples it. Refuses a workdir that already
   holds a checkpoint; writes nothing before every check passed."""
   validate_config(config)
@@ -784,7 +787,7 @@ def init_workdir(config: ml_collections.ConfigDict, workdir: str, params: PyTree
     state = jax.jit(lambda r: nn.unbox(exp.init_fn(r)),
                     out_shardings=exp.state_shardings)(exp.rng)
     state = with_params(state, exp.state_shardings, params,
-                        state.model_state if model_state is None else model_state,
+                        state.router_state if router_state is None else router_state,
                         source=f'the merge into {workdir}')
   lock = workdir_lib.WorkdirLock(workdir)
   try:

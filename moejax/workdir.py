@@ -192,7 +192,7 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) ->
 
 
 def restore_params(workdir: str) -> tuple[ml_collections.ConfigDict, PyTree, PyTree]:
-  """(config, params, model_state) of the newest checkpoint of `workdir` that restores, on the
+  """(config, params, router_state) of the newest checkpoint of `workdir` that restores, on the
   first local device; the optimizer state is not read.
 
   The trees take the structure, shapes and dtypes the checkpoint stored, so nothing is built
@@ -202,9 +202,9 @@ def restore_params(workdir: str) -> tuple[ml_collections.ConfigDict, PyTree, PyT
   ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), read_only=True)
   try:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    step, fields = ckpt.restore_latest_fields(('params', 'model_state'), device)
+    step, fields = ckpt.restore_latest_fields(('params', 'router_state'), device)
   finally:
     ckpt.close()
   if step is None:
     raise ValueError(f'no checkpoint in {checkpoint_dir(workdir)}')
-  return config, fields['params'], fields['model_state']
+  return config, fields['params'], fields['router_state']

@@ -325,18 +325,18 @@ def test_restore_params_returns_the_checkpoints_params_and_router_state(tmp_path
   config.optim.warmup_steps = 1
   workdir = str(tmp_path / 'aux_free')
   train.train_and_evaluate(config, workdir)
-  restored_config, params, model_state = workdir_lib.restore_params(workdir)
+  restored_config, params, router_state = workdir_lib.restore_params(workdir)
   assert restored_config.model.moe.router == 'aux_free'
   # The bias moved during training, so a fresh init would not match.
   _, _, _, fresh = single_device_state(config)
-  assert jax.tree.leaves(model_state) and not all(
-      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model_state),
-                                           jax.tree.leaves(fresh.model_state)))
+  assert jax.tree.leaves(router_state) and not all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(router_state),
+                                           jax.tree.leaves(fresh.router_state)))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   full = ckpt.restore(2, fresh)
   ckpt.close()
   chex.assert_trees_all_equal(params, full.params)
-  chex.assert_trees_all_equal(model_state, full.model_state)
+  chex.assert_trees_all_equal(router_state, full.router_state)
 
 
 def _committed_steps(workdir):

@@ -90,7 +90,7 @@ def train_state(config, params, tx):
   prec = config.precision
   return train.TrainState(
       step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-      model_state=dict(router_state), rng=jax.random.PRNGKey(config.seed),
+      router_state=dict(router_state), rng=jax.random.PRNGKey(config.seed),
       loss_scale=precision.loss_scale_for(prec.policy, prec.loss_scale_init,
                                           prec.loss_scale_period),
       nonfinite_count=jnp.zeros([], jnp.int32), skipped_steps=jnp.zeros([], jnp.int32))
@@ -102,11 +102,6 @@ def jit_train_step(config, tx=None):
   own_tx, schedule = train.make_optimizer(config)
   tx = tx or own_tx
   return jax.jit(train.make_train_step(model, tx, schedule)), tx
-
-
-def router_state(state):
-  """The 'router_state' collection a TrainState carries."""
-  return state.model_state
 
 
 def flat(tree):
