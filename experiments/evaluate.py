@@ -19,21 +19,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from moejax import ensemble
 from moejax import evaluation
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
-_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Training workdirs to fuse as one ensemble.')
-_FUSION = flags.DEFINE_enum('fusion', None, ensemble.FUSIONS,
-                            "Fusion rule of an ensemble; default: the (first) config's.")
-_WEIGHTS = flags.DEFINE_list('weights', None, 'Member weights for --fusion=weighted.')
+_FLAGS = evaluation.define_inference_flags('Training workdirs to fuse as one ensemble.')
+flags.adopt_module_key_flags(evaluation)  # --helpshort lists them
 _OUT = flags.DEFINE_string('out', None, 'Reliability diagram path; default: in the workdir.')
-_PRECISION = flags.DEFINE_enum('precision', None, ['fp32', 'bf16', 'fp16'],
-                               "Compute dtype at inference; default: the run's own.")
-_QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
-                              'int8: routed expert weights stored int8 (per-expert, per-output-'
-                              'channel scales), dequantised into the grouped matmul.')
-flags.mark_flags_as_mutual_exclusive(['workdir', 'workdirs'], required=True)
 
 
 def main(argv):
@@ -41,10 +31,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
-  workdirs = _WORKDIRS.value or [_WORKDIR.value]
-  weights = None if _WEIGHTS.value is None else [float(w) for w in _WEIGHTS.value]
-  result = evaluation.evaluate(workdirs, _FUSION.value, weights, _OUT.value,
-                               _PRECISION.value or '', _QUANTIZE.value)
+  result = evaluation.evaluate(out=_OUT.value, **_FLAGS.load_args())
   evaluation.print_table(result)
   print(json.dumps(result, indent=2))
 

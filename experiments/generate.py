@@ -16,27 +16,17 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from moejax import ensemble
 from moejax import evaluation
 from moejax import generate
 from moejax import memory
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.')
-_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Training workdirs to sample from as an ensemble.')
-_FUSION = flags.DEFINE_enum('fusion', None, ensemble.FUSIONS,
-                            "Fusion rule of an ensemble; default: the (first) config's.")
-_WEIGHTS = flags.DEFINE_list('weights', None, 'Member weights for --fusion=weighted.')
+_FLAGS = evaluation.define_inference_flags('Training workdirs to sample from as an ensemble.')
+flags.adopt_module_key_flags(evaluation)  # --helpshort lists them
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue; empty starts a new document.')
 _NUM_TOKENS = flags.DEFINE_integer('num_tokens', 100, 'Tokens (bytes) to sample.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_PRECISION = flags.DEFINE_enum('precision', None, ['fp32', 'bf16', 'fp16'],
-                               "Compute dtype at inference; default: the run's own.")
-_QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
-                              'int8: routed expert weights stored int8 (per-expert, per-output-'
-                              'channel scales), dequantised into the grouped matmul.')
-flags.mark_flags_as_mutual_exclusive(['workdir', 'workdirs'], required=True)
 
 
 def main(argv):
@@ -44,14 +34,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
-  weights = None if _WEIGHTS.value is None else [float(w) for w in _WEIGHTS.value]
-  decoder = evaluation.load_ensemble(_WORKDIRS.value or [_WORKDIR.value], _FUSION.value, weights,
-                                     _PRECISION.value or '', _QUANTIZE.value)
+  decoder = evaluation.load_ensemble(**_FLAGS.load_args())
   params = decoder.variables['params']
   text = generate.sample_text(decoder.model, params, _PROMPT.value, _NUM_TOKENS.value,
                               seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                               router_state=decoder.variables.get('router_state'), **decoder.fusion)
-  print(json.dumps(dict(text=text, precision=decoder.precision, quantize=_QUANTIZE.value,
+  print(json.dumps(dict(text=text, precision=decoder.precision, quantize=_FLAGS.quantize.value,
                         expert_weight_bytes=memory.expert_weight_bytes(params)), indent=2))
 
 

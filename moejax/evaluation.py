@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any, NamedTuple, Sequence
 
+from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -212,6 +213,45 @@ def format_table(result: dict) -> str:
 
 def print_table(result: dict) -> None:
   print(format_table(result), file=sys.stderr, flush=True)
+
+
+class InferenceFlags(NamedTuple):
+  """The flags `define_inference_flags` defines (absl FlagHolders)."""
+  workdir: Any
+  workdirs: Any
+  fusion: Any
+  weights: Any
+  precision: Any
+  quantize: Any
+
+  def load_args(self) -> dict[str, Any]:
+    """workdirs, fusion, weights, precision_name and quantize as `load_ensemble` and `evaluate`
+    take them."""
+    weights = None if self.weights.value is None else [float(w) for w in self.weights.value]
+    return dict(workdirs=self.workdirs.value or [self.workdir.value], fusion=self.fusion.value,
+                weights=weights, precision_name=self.precision.value or '',
+                quantize=self.quantize.value)
+
+
+def define_inference_flags(workdirs_help: str) -> InferenceFlags:
+  """Defines --workdir or --workdirs (one of them required), --fusion, --weights, --precision and
+  --quantize, the checkpoint-loading flags of experiments/evaluate.py and generate.py; call once,
+  at the script's import (never from a library: the required pair binds every flag parse), then
+  `flags.adopt_module_key_flags(evaluation)` for --helpshort to list them."""
+  holders = InferenceFlags(
+      workdir=flags.DEFINE_string('workdir', None, 'A training workdir.'),
+      workdirs=flags.DEFINE_list('workdirs', None, workdirs_help),
+      fusion=flags.DEFINE_enum('fusion', None, ensemble.FUSIONS,
+                               "Fusion rule of an ensemble; default: the (first) config's."),
+      weights=flags.DEFINE_list('weights', None, 'Member weights for --fusion=weighted.'),
+      precision=flags.DEFINE_enum('precision', None, ['fp32', 'bf16', 'fp16'],
+                                  "Compute dtype at inference; default: the run's own."),
+      quantize=flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
+                                 'int8: routed expert weights stored int8 (per-expert, '
+                                 'per-output-channel scales), dequantised into the grouped '
+                                 'matmul.'))
+  flags.mark_flags_as_mutual_exclusive(['workdir', 'workdirs'], required=True)
+  return holders
 
 
 def _plot_reliability(sums: dict, path: str) -> None:

@@ -1,8 +1,6 @@
 """Training ensembles end to end: member x data sharding, resume, kill -9, boosting's freeze."""
 import os
 import shutil
-import subprocess
-import sys
 
 import chex
 import flax.linen as nn
@@ -16,7 +14,8 @@ from moejax import sharding
 from moejax import train
 from moejax import workdir as workdir_lib
 from test_sharding import load_config
-from test_train import REPO, _committed_steps, _train_steps, _wait_for, read_lines, without_timing
+from test_train import assert_killed_steps_redone, kill_and_resume, read_lines, smoke_config_flag
+from test_train import subprocess_env, train_command, without_timing
 
 
 def smoke_config(**ensemble_fields):
@@ -101,32 +100,10 @@ def test_boosting_trains_one_member_at_a_time(tmp_path):
 @pytest.mark.slow
 def test_sigkill_loses_only_steps_after_the_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
-  command = [sys.executable, os.path.join(REPO, 'experiments', 'train.py'),
-             '--config=' + os.path.join(REPO, 'experiments', 'configs', 'ensemble_tiny.py')
-             + ':smoke', f'--workdir={workdir}', '--config.train.num_steps=100000',
-             '--config.train.log_every=2', '--config.train.checkpoint_every=4',
-             '--config.train.eval_every=100000']
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_backend_optimization_level=0',
-         'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
-  first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  def logged_past_a_checkpoint():
-    steps, lines = _committed_steps(workdir), _train_steps(workdir)
-    return steps and lines and lines[-1]['step'] > steps[-1]
-  _wait_for(logged_past_a_checkpoint, first, timeout=300)
-  first.kill()
-  first.wait()
-  killed_lines = _train_steps(workdir)
-  checkpoint = _committed_steps(workdir)[-1]
-
-  second = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  _wait_for(lambda: _train_steps(workdir)[-1]['step'] >= killed_lines[-1]['step'] + 2
-            if _train_steps(workdir) else False, second, timeout=300)
+  command = train_command(workdir, smoke_config_flag('ensemble_tiny'),
+                          '--config.train.num_steps=100000', '--config.train.log_every=2',
+                          '--config.train.checkpoint_every=4', '--config.train.eval_every=100000')
+  killed_lines, second = kill_and_resume(command, subprocess_env(tmp_path), workdir, timeout=300)
   second.kill()
   second.wait()
-  lines = _train_steps(workdir)
-  steps = [line['step'] for line in lines]
-  assert steps == list(range(2, steps[-1] + 1, 2))
-  assert without_timing(lines[:len(killed_lines)]) == without_timing(killed_lines)
-  assert checkpoint < killed_lines[-1]['step']
+  assert_killed_steps_redone(workdir, killed_lines)

@@ -223,28 +223,34 @@ class TrainStepTest(parameterized.TestCase):
                            float(objective_lib.cross_entropy(logits, batch[:, 1:])), places=5)
 
 
-class _PoisonedDataset:
-  """Wraps a Dataset; train batches from `first_bad_step` on hold an out-of-vocabulary token,
-  whose embedding lookup gives NaN (jnp.take fills out-of-bounds rows with NaN)."""
+class _PoisonedSteps:
+  """Wraps a Dataset; the train batches of `bad` (0-based batch indices, so steps index + 1) hold
+  an out-of-vocabulary token, whose embedding lookup gives NaN (jnp.take fills out-of-bounds rows
+  with NaN)."""
 
-  def __init__(self, ds, first_bad_step):
-    self._ds, self._first_bad_step = ds, first_bad_step
+  def __init__(self, ds, bad):
+    self._ds, self._bad = ds, bad
 
   def __getattr__(self, name):
     return getattr(self._ds, name)
 
   def train_batch(self, step, process_index=0, process_count=1):
     batch = self._ds.train_batch(step, process_index, process_count)
-    if step >= self._first_bad_step:
+    if step in self._bad:
       batch = batch.copy()
       batch[:, 0] = data_lib.VOCAB_SIZE
     return batch
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, monkeypatch):
+def poison(monkeypatch, bad):
+  """Makes the train loop's datasets poison the train batches of `bad` (see _PoisonedSteps)."""
   make_dataset = data_lib.make_dataset
   monkeypatch.setattr(train.data_lib, 'make_dataset',
-                      lambda *args: _PoisonedDataset(make_dataset(*args), first_bad_step=3))
+                      lambda *args: _PoisonedSteps(make_dataset(*args), bad))
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, monkeypatch):
+  poison(monkeypatch, bad=range(3, 100))  # from step 4 on
   config = smoke_config(num_steps=10, log_every=1, eval_every=100, checkpoint_every=100,
                         max_nonfinite_steps=2)
   with pytest.raises(FloatingPointError, match=r'at step 5 \(train.max_nonfinite_steps=2\)'):
@@ -368,42 +374,69 @@ def _wait_for(predicate, process, timeout=120.0):
     time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_sigkill_loses_only_steps_after_the_checkpoint_and_sigterm_exits_cleanly(tmp_path):
-  workdir = str(tmp_path / 'run')
-  command = [sys.executable, os.path.join(REPO, 'experiments', 'train.py'),
-             '--config=' + os.path.join(REPO, 'experiments', 'configs', 'moe_tiny.py') + ':smoke',
-             f'--workdir={workdir}', '--config.train.num_steps=100000',
-             '--config.train.log_every=2', '--config.train.checkpoint_every=6',
-             '--config.train.eval_every=100000']
-  # Cheaper XLA codegen, and the second process reuses the first one's compiled programs.
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_backend_optimization_level=0',
-         'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+def smoke_config_flag(name):
+  """--config= experiments/configs/`name`.py's smoke variant."""
+  return '--config=' + os.path.join(REPO, 'experiments', 'configs', name + '.py') + ':smoke'
 
+
+def train_command(workdir, *flags):
+  """experiments/train.py on `workdir` with `flags`."""
+  return [sys.executable, os.path.join(REPO, 'experiments', 'train.py'), f'--workdir={workdir}',
+          *flags]
+
+
+def subprocess_env(tmp_path):
+  """The environment of a train.py subprocess on CPU: cheaper XLA codegen, and every process
+  reuses the compiled programs of those before it (a cache under `tmp_path`)."""
+  return {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+          'XLA_FLAGS': '--xla_backend_optimization_level=0',
+          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+
+
+def logged_past(workdir, step):
+  """Whether `workdir`'s train lines have reached `step` (a predicate for _wait_for)."""
+  return lambda: bool(_train_steps(workdir)) and _train_steps(workdir)[-1]['step'] >= step
+
+
+def kill_and_resume(command, env, workdir, timeout=120.0):
+  """Runs `command` until it logs a step past a committed checkpoint, kills it (SIGKILL), then runs
+  it again until it logs two steps past the killed run's last: (the killed run's train lines, the
+  second process, still running)."""
   first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   def logged_past_a_checkpoint():
     steps, lines = _committed_steps(workdir), _train_steps(workdir)
     return steps and lines and lines[-1]['step'] > steps[-1]
-  _wait_for(logged_past_a_checkpoint, first)
+  _wait_for(logged_past_a_checkpoint, first, timeout)
   first.kill()
   first.wait()
   killed_lines = _train_steps(workdir)
-  checkpoint = _committed_steps(workdir)[-1]
-  assert killed_lines[-1]['step'] > checkpoint
-
+  assert killed_lines[-1]['step'] > _committed_steps(workdir)[-1]
   second = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  _wait_for(lambda: _train_steps(workdir)[-1]['step'] >= killed_lines[-1]['step'] + 2
-            if _train_steps(workdir) else False, second)
-  second.send_signal(signal.SIGTERM)
-  assert second.wait(timeout=60) == 0, second.stderr.read().decode()[-3000:]
+  _wait_for(logged_past(workdir, killed_lines[-1]['step'] + 2), second, timeout)
+  return killed_lines, second
 
+
+def assert_killed_steps_redone(workdir, killed_lines):
+  """Every logged step is there once, and the killed run's are redone identically (same data, same
+  state); the logged steps."""
   lines = _train_steps(workdir)
   steps = [line['step'] for line in lines]
   assert steps == list(range(2, steps[-1] + 1, 2))  # nothing missing, nothing twice
-  # The steps the killed run logged are redone identically: same data, same state.
   assert without_timing(lines[:len(killed_lines)]) == without_timing(killed_lines)
+  return steps
+
+
+@pytest.mark.slow
+def test_sigkill_loses_only_steps_after_the_checkpoint_and_sigterm_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / 'run')
+  command = train_command(workdir, smoke_config_flag('moe_tiny'), '--config.train.num_steps=100000',
+                          '--config.train.log_every=2', '--config.train.checkpoint_every=6',
+                          '--config.train.eval_every=100000')
+  killed_lines, second = kill_and_resume(command, subprocess_env(tmp_path), workdir)
+  second.send_signal(signal.SIGTERM)
+  assert second.wait(timeout=60) == 0, second.stderr.read().decode()[-3000:]
+  steps = assert_killed_steps_redone(workdir, killed_lines)
   assert _committed_steps(workdir)[-1] >= steps[-1]
 
 

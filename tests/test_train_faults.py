@@ -6,46 +6,24 @@ Each test first reproduces its fault on the moe_tiny smoke config, then checks w
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from moejax import data as data_lib
 from moejax import precision
 from moejax import train
 from moejax import workdir as workdir_lib
-from test_train import REPO
 from test_train import _committed_steps
 from test_train import _train_steps
 from test_train import _wait_for
+from test_train import logged_past
+from test_train import poison
 from test_train import read_lines
 from test_train import smoke_config
-
-
-class _PoisonedSteps:
-  """Wraps a Dataset; the train batches of `bad` (0-based batch indices, so steps index + 1) hold
-  an out-of-vocabulary token, whose embedding lookup gives NaN."""
-
-  def __init__(self, ds, bad):
-    self._ds, self._bad = ds, bad
-
-  def __getattr__(self, name):
-    return getattr(self._ds, name)
-
-  def train_batch(self, step, process_index=0, process_count=1):
-    batch = self._ds.train_batch(step, process_index, process_count)
-    if step in self._bad:
-      batch = batch.copy()
-      batch[:, 0] = data_lib.VOCAB_SIZE
-    return batch
-
-
-def poison(monkeypatch, bad):
-  make_dataset = data_lib.make_dataset
-  monkeypatch.setattr(train.data_lib, 'make_dataset',
-                      lambda *args: _PoisonedSteps(make_dataset(*args), bad))
+from test_train import smoke_config_flag
+from test_train import subprocess_env
+from test_train import train_command
 
 
 def train_lines(workdir):
@@ -138,22 +116,6 @@ def test_fp16_halt_names_the_loss_scale_and_its_floor(tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-def _command(workdir, *flags):
-  return [sys.executable, os.path.join(REPO, 'experiments', 'train.py'), f'--workdir={workdir}',
-          *flags]
-
-
-def _env(tmp_path):
-  return {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': '--xla_backend_optimization_level=0',
-          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
-
-
-def _logged_past(workdir, step):
-  return lambda: bool(_train_steps(workdir)) and _train_steps(workdir)[-1]['step'] >= step
-
-
 def _with_file_size_limit(kilobytes, command):
   """`command` with writes past `kilobytes` per file failing with EFBIG (SIGXFSZ ignored)."""
   return ['bash', '-c', f'ulimit -f {kilobytes} && trap "" XFSZ && exec "$@"', '_', *command]
@@ -161,16 +123,15 @@ def _with_file_size_limit(kilobytes, command):
 
 @pytest.mark.slow
 def test_ctrl_c_workdir_alone_and_a_failed_save(tmp_path):
-  workdir, env = str(tmp_path / 'run'), _env(tmp_path)
-  config_flags = ['--config=' + os.path.join(REPO, 'experiments', 'configs', 'moe_tiny.py') +
-                  ':smoke', '--config.model.d_model=16', '--config.train.num_steps=100000',
-                  '--config.train.log_every=2', '--config.train.checkpoint_every=1000',
-                  '--config.train.eval_every=100000']
+  workdir, env = str(tmp_path / 'run'), subprocess_env(tmp_path)
+  config_flags = [smoke_config_flag('moe_tiny'), '--config.model.d_model=16',
+                  '--config.train.num_steps=100000', '--config.train.log_every=2',
+                  '--config.train.checkpoint_every=1000', '--config.train.eval_every=100000']
 
   # Ctrl-C saves at the step reached and exits 0, like SIGTERM.
-  first = subprocess.Popen(_command(workdir, *config_flags), env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)
-  _wait_for(_logged_past(workdir, 4), first, timeout=400)
+  first = subprocess.Popen(train_command(workdir, *config_flags), env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  _wait_for(logged_past(workdir, 4), first, timeout=400)
   first.send_signal(signal.SIGINT)
   assert first.wait(timeout=60) == 0, first.stderr.read().decode()[-3000:]
   stopped_at = _committed_steps(workdir)[-1]
@@ -178,9 +139,9 @@ def test_ctrl_c_workdir_alone_and_a_failed_save(tmp_path):
 
   # --workdir alone resumes the run's own config (d_model 16: the default config would not fit);
   # a second Ctrl-C ends the process at once.
-  second = subprocess.Popen(_command(workdir), env=env, stdout=subprocess.DEVNULL,
+  second = subprocess.Popen(train_command(workdir), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-  _wait_for(_logged_past(workdir, stopped_at + 4), second, timeout=400)
+  _wait_for(logged_past(workdir, stopped_at + 4), second, timeout=400)
   second.send_signal(signal.SIGINT)
   time.sleep(0.3)  # two signals before Python's handler runs would count as one
   second.send_signal(signal.SIGINT)
@@ -191,8 +152,8 @@ def test_ctrl_c_workdir_alone_and_a_failed_save(tmp_path):
   # larger) stops the run at that step with one line naming the step directory and the error.
   before = _committed_steps(workdir)
   third = subprocess.run(
-      _with_file_size_limit(64, _command(workdir, '--config.train.checkpoint_every=2')), env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+      _with_file_size_limit(64, train_command(workdir, '--config.train.checkpoint_every=2')),
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
   stderr = third.stderr.decode()
   assert third.returncode == 1, stderr[-3000:]
   last_line = stderr.strip().splitlines()[-1]
