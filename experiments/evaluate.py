@@ -17,9 +17,9 @@ import json
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from moejax import evaluation
+from moejax import script
 
 _FLAGS = evaluation.define_inference_flags('Training workdirs to fuse as one ensemble.')
 flags.adopt_module_key_flags(evaluation)  # --helpshort lists them
@@ -27,10 +27,7 @@ _OUT = flags.DEFINE_string('out', None, 'Reliability diagram path; default: in t
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
+  script.start(argv)
   result = evaluation.evaluate(out=_OUT.value, **_FLAGS.load_args())
   evaluation.print_table(result)
   print(json.dumps(result, indent=2))

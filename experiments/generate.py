@@ -14,11 +14,11 @@ import json
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from moejax import evaluation
 from moejax import generate
 from moejax import memory
+from moejax import script
 
 _FLAGS = evaluation.define_inference_flags('Training workdirs to sample from as an ensemble.')
 flags.adopt_module_key_flags(evaluation)  # --helpshort lists them
@@ -30,10 +30,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
+  script.start(argv)
   decoder = evaluation.load_ensemble(**_FLAGS.load_args())
   params = decoder.variables['params']
   text = generate.sample_text(decoder.model, params, _PROMPT.value, _NUM_TOKENS.value,

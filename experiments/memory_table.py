@@ -13,7 +13,6 @@ not taken: use --d_model / --num_layers / --batch_size to change the size.
 
 from absl import app
 from absl import flags
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from moejax import config_files
 from moejax import memory
 from moejax import model as model_lib
 from moejax import precision
+from moejax import script
 from moejax import train
 
 MIB = 2.0**20
@@ -61,10 +61,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  script.start(argv)
   config = config_files.get_config('moe_tiny', _CONFIG_ARG.value or None)
   if _D_MODEL.value:
     config.model.d_model = _D_MODEL.value

@@ -14,10 +14,10 @@ Sources that do not fit each other or the config are refused with one line namin
 """
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from moejax import merge
+from moejax import script
 
 _METHOD = flags.DEFINE_enum('method', None, merge.METHODS, 'How to merge the sources.',
                             required=True)
@@ -31,10 +31,7 @@ _NOISE = flags.DEFINE_float('upcycle_noise', 0.0, 'upcycle: Gaussian noise on ea
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
+  script.start(argv)
   try:
     lines = merge.merge_workdirs(_METHOD.value, _SOURCES.value, _WORKDIR.value, _CONFIG.value,
                                  noise_scale=_NOISE.value)

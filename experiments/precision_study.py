@@ -20,10 +20,10 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from moejax import config_files
 from moejax import metrics as metrics_lib
+from moejax import script
 from moejax import train
 
 VARIANTS = {
@@ -92,10 +92,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  script.start(argv)
   rows = []
   for name in _VARIANTS.value:
     rows.append(run_variant(name, os.path.join(_WORKDIR.value, name), _NUM_STEPS.value,

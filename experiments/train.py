@@ -17,12 +17,12 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
 from moejax import checkpoint
 from moejax import host_memory
+from moejax import script
 from moejax import train
 from moejax import workdir as workdir_lib
 
@@ -44,11 +44,8 @@ def _launched_on_a_cluster() -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  script.start(argv)
   host_memory.reuse_freed_memory()  # before the backend starts (see moejax/host_memory.py)
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO logs would drown the output
   if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _launched_on_a_cluster():

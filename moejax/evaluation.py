@@ -42,7 +42,7 @@ def load_members(workdirs: Sequence[str]
   for workdir in workdirs:
     config, params, router_state = workdir_lib.restore_params(workdir)
     model = ensemble.build_model(config, precision.get_policy(config.precision.policy))
-    variables = _variables(params, router_state)
+    variables = train.model_variables(params, router_state)
     configs.append(config)
     fns.append(ensemble.members_fn(model, variables))
     steps.append(_latest_step(workdir))
@@ -89,7 +89,7 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
     quantized = quantize == 'int8'
     model = ensemble.build_model(config, policy, 'int8' if quantized else '')
     params = int8.quantize_expert_params(params) if quantized else params
-    return Decoder(config, name, model, _variables(params, router_state), {})
+    return Decoder(config, name, model, train.model_variables(params, router_state), {})
   if quantize != 'none':
     raise ValueError(f'--quantize={quantize}: int8 experts are for a single model, not an '
                      f'ensemble of {num_members}')
@@ -103,17 +103,13 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
   router_state = stacked([s for _, _, s in restored]) if restored[0][2] else {}
   config = _with_fusion(first, num_members, fusion, weights)
   model = ensemble.build_model(config, policy)
-  variables = _variables(params, router_state)
+  variables = train.model_variables(params, router_state)
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   fusion_params = ensemble.fit_on_holdout(config, ensemble.holdout_split(config, ds), ds,
                                           ensemble.members_fn(model, variables))
   return Decoder(config, name, model, variables,
                  dict(fusion=config.ensemble.fusion, weights=tuple(config.ensemble.weights),
                       fusion_params=fusion_params))
-
-
-def _variables(params, router_state) -> dict:
-  return {'params': params, **({'router_state': router_state} if router_state else {})}
 
 
 def _latest_step(workdir: str) -> int:

@@ -230,7 +230,8 @@ def make_init_fn(config: ml_collections.ConfigDict, model: nn.Module,
   return init
 
 
-def _variables(params, router_state):
+def model_variables(params, router_state) -> dict:
+  """The variables `model.apply` takes: params, and the router state when the model has one."""
   return {'params': params, 'router_state': router_state} if router_state else {'params': params}
 
 
@@ -262,7 +263,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     def loss_fn(params):
       output, new_vars = model.apply(
-          _variables(params, state.router_state), batch[..., :-1], train=True,
+          model_variables(params, state.router_state), batch[..., :-1], train=True,
           rngs={'router': step_rng}, mutable=['router_state'])
       loss, metrics = objective(output, batch)
       return state.loss_scale.scale_loss(loss), (loss, metrics,
@@ -306,7 +307,7 @@ def make_eval_step(model: nn.Module,
   """`(state, batch [..., B, S+1]) -> the objective's metrics` of the model without training
   noise; `metrics['loss']` is the batch's eval loss."""
   def eval_step(state: TrainState, batch: jax.Array):
-    output = model.apply(_variables(state.params, state.router_state), batch[..., :-1],
+    output = model.apply(model_variables(state.params, state.router_state), batch[..., :-1],
                          train=False)
     return objective(output, batch)[1]
   return eval_step
@@ -619,7 +620,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while step < num_steps:
         if config.ensemble.size > 1:  # boosting by reweighting draws a member's data at its stage
           exp.ds.start_stage(step, lambda: ensemble_lib.members_fn(
-              exp.model, _variables(state.params, state.router_state)))
+              exp.model, model_variables(state.params, state.router_state)))
         local = exp.ds.train_batch(step, jax.process_index(), jax.process_count())
         state, metrics = train_step(state, sharding.global_batch(local, mesh, rules))
         step += 1
@@ -716,7 +717,7 @@ def teacher_log_probs_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.M
   teacher = model_lib.build_model(teacher_config.model,
                                   precision.get_policy(teacher_config.precision.policy))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  variables = jax.device_put(_variables(params, router_state), replicated)
+  variables = jax.device_put(model_variables(params, router_state), replicated)
 
   def log_probs(tokens):
     logits, _ = teacher.apply(variables, tokens, train=False)
