@@ -35,7 +35,7 @@ def _step_and_state(config):
   """(jitted train step, initial state) of `config` on the default device."""
   model = ensemble.build_model(config, precision.get_policy(config.precision.policy))
   tx, schedule = train.make_optimizer(config)
-  objective = (ensemble.train_objective(ensemble.is_additive(config)) if config.ensemble.size > 1
+  objective = (ensemble.train_objective(config) if config.ensemble.size > 1
                else objective_lib.lm_objective)
   state = jax.jit(lambda rng: nn.unbox(train.make_init_fn(config, model, tx)(rng)))(
       jax.random.PRNGKey(config.seed))
@@ -55,6 +55,9 @@ def main(argv):
   size = config.ensemble.size
   if size < 2:
     raise app.UsageError(f'ensemble.size={size}: the benchmark compares an ensemble (>= 2)')
+  if ensemble.is_e3(config):
+    raise app.UsageError("ensemble.method='e3' has no member steps to time (its copies share one "
+                         "model); compare the train loop's tokens_per_s and flops_per_token")
   single = config.copy_and_resolve_references()
   with single.unlocked():
     single.ensemble.size = 1

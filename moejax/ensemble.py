@@ -28,7 +28,16 @@ frozen), of two kinds (`ensemble.boosting`): 'additive', where member m minimise
 the sum of the earlier members' logits plus its own (gradient boosting in function space,
 Friedman 2001), and 'reweight', where member m trains on its own loss over the training documents
 resampled with probability proportional to the earlier members' fused NLL on each (AdaBoost-style
-reweighting, Freund & Schapire 1997).
+reweighting, Freund & Schapire 1997), and 'e3'.
+
+'e3' is an efficient ensemble of experts (`E3`; Allingham et al. 2022, "Sparse MoEs meet Efficient
+Ensembles"): one MoE TransformerLM whose last `ensemble.e3_layers` MoE layers split their E
+experts into M disjoint groups. The hidden state is tiled M times before the first of those
+layers' FFN, copy m routes only within group m (a block-diagonal router), and every later layer
+runs on all M copies with shared parameters. It returns what an Ensemble does (logits
+[M, B, S, V]), so fusion, scoring and decoding are the same code; its parameters are the single
+model's tree, it trains on one shared batch [B, S+1] with the mean of the copies' losses, and it
+costs the layers before the tiling once.
 """
 import dataclasses
 import math
@@ -42,12 +51,14 @@ import numpy as np
 import optax
 
 from moejax import data as data_lib
+from moejax import memory
 from moejax import model as model_lib
+from moejax import routing
 from moejax import sharding
 
 PyTree = Any
 
-METHODS = ('deep', 'bagging', 'boosting')
+METHODS = ('deep', 'bagging', 'boosting', 'e3')
 BOOSTING = ('additive', 'reweight')
 FUSIONS = ('mean_prob', 'mean_logprob', 'weighted', 'stacked', 'gated', 'sum_logits')
 FITTED_FUSIONS = ('stacked', 'gated')
@@ -90,6 +101,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"ensemble.fusion='sum_logits' goes with additive boosting, and only with it "
                      f"(ensemble.method={ens.method!r}, ensemble.boosting={ens.boosting!r}, "
                      f"ensemble.fusion={ens.fusion!r})")
+  if ens.method == 'e3':
+    _validate_e3(config)
+  elif ens.e3_layers:
+    raise ValueError(f"ensemble.e3_layers={ens.e3_layers} is read only by ensemble.method='e3' "
+                     f'(ensemble.method={ens.method!r}); set it to 0')
   if ens.method == 'boosting' and ens.size > 1:
     stage_steps = config.train.num_steps // ens.size
     if config.train.num_steps % ens.size or config.optim.warmup_steps >= stage_steps:
@@ -97,6 +113,42 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f'ensemble.method=boosting trains members one after another in train.num_steps / '
           f'ensemble.size steps each: train.num_steps={config.train.num_steps} must be a multiple '
           f'of {ens.size} and optim.warmup_steps={config.optim.warmup_steps} below {stage_steps}')
+
+
+def _validate_e3(config: ml_collections.ConfigDict) -> None:
+  ens, moe = config.ensemble, config.model.moe
+  if config.model.ffn != 'moe':
+    raise ValueError(f"ensemble.method='e3' splits the experts of MoE layers; model.ffn="
+                     f"{config.model.ffn!r} has none (use 'moe')")
+  try:
+    model_lib.e3_layer_indices(config.model, ens.e3_layers)
+  except ValueError as e:
+    raise ValueError(f'ensemble.{e}') from None
+  if moe.num_experts % ens.size:
+    raise ValueError(f'model.moe.num_experts={moe.num_experts} is not divisible by ensemble.size='
+                     f"{ens.size}: ensemble.method='e3' splits the experts into ensemble.size "
+                     'disjoint groups')
+  if moe.top_k > moe.num_experts // ens.size:
+    raise ValueError(f'model.moe.top_k={moe.top_k} exceeds the {moe.num_experts // ens.size} '
+                     f'experts of each E3 group (model.moe.num_experts={moe.num_experts} / '
+                     f'ensemble.size={ens.size})')
+  if moe.router not in routing.TOKEN_CHOICE_ROUTERS:
+    raise ValueError(f"model.moe.router={moe.router!r} with ensemble.method='e3': each copy's "
+                     "tokens choose within their expert group, which needs a token-choice "
+                     f'router, one of {routing.TOKEN_CHOICE_ROUTERS}')
+  if moe.top_groups < moe.num_expert_groups:
+    raise ValueError(f'model.moe.top_groups={moe.top_groups} < model.moe.num_expert_groups='
+                     f"{moe.num_expert_groups} with ensemble.method='e3': group-limited routing "
+                     "could leave a copy none of its own group's experts")
+  if config.mesh.member != 1:
+    raise ValueError(f"mesh.member={config.mesh.member} with ensemble.method='e3': the copies "
+                     'share one parameter tree and travel in the batch (mesh.data shards them); '
+                     'use mesh.member=1')
+
+
+def is_e3(config: ml_collections.ConfigDict) -> bool:
+  """Whether config's model is an E3 (an 'e3' ensemble of M > 1; M = 1 is the plain model)."""
+  return config.ensemble.method == 'e3' and config.ensemble.size > 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,19 +195,74 @@ class Ensemble(nn.Module):
                    param_dtype=self.param_dtype, name='members')(tokens, train, decode)
 
 
+class E3(nn.Module):
+  """An efficient ensemble of experts (Allingham et al. 2022): a TransformerLM whose last `layers`
+  MoE layers split their E experts into `size` = M groups, copy m routing within group m.
+
+  tokens [B, S] (every copy reads them) -> (logits [M, B, S, V] float32, aux: each TransformerLM
+  aux value with a leading M). The copies share one routing per E3 layer, whose aux values are
+  means over the copies, so each copy carries the same ones. Parameters are the single model's
+  tree, no member axis: a plain MoE's parameters load as they are (`train.init_from`), and M = 1
+  is exactly the plain model. The final hidden state is sown as [M·B, S, D] (`final_hidden`).
+  """
+  config: ml_collections.FrozenConfigDict  # the `model` section
+  size: int
+  layers: int
+  expert_quantization: str = ''  # see TransformerLM
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.model = model_lib.TransformerLM(self.config, self.expert_quantization,
+                                         e3_copies=self.size, e3_layers=self.layers,
+                                         dtype=self.dtype, param_dtype=self.param_dtype)
+    # One scope with the model: its parameters, cache and intermediates keep the plain names.
+    nn.share_scope(self, self.model)
+
+  def __call__(self, tokens, train=False, decode=False):
+    if tokens.ndim != 2:
+      raise ValueError(f'E3 of {self.size} copies: tokens must be [B, S] (the copies share the '
+                       f'batch), got shape {tokens.shape}')
+    logits, aux = self.model(tokens, train, decode)
+    logits = logits.reshape((self.size, -1) + logits.shape[1:])
+    aux = jax.tree.map(lambda value: jnp.broadcast_to(value, (self.size,) + value.shape), aux)
+    return logits, aux
+
+
 def build_model(config: ml_collections.ConfigDict, policy, expert_quantization: str = ''
                 ) -> nn.Module:
-  """The model of an experiment config: a TransformerLM, or an Ensemble when ensemble.size > 1
-  (expert_quantization: see model.build_model)."""
+  """The model of an experiment config: a TransformerLM, or when ensemble.size > 1 an Ensemble
+  (an E3 for ensemble.method='e3'); expert_quantization: see model.build_model."""
   model = model_lib.build_model(config.model, policy, expert_quantization)
   if config.ensemble.size == 1:
     return model
-  return Ensemble(model.config, config.ensemble.size, expert_quantization=expert_quantization,
-                  dtype=model.dtype, param_dtype=model.param_dtype)
+  members = dict(expert_quantization=expert_quantization, dtype=model.dtype,
+                 param_dtype=model.param_dtype)
+  if is_e3(config):
+    return E3(model.config, config.ensemble.size, config.ensemble.e3_layers, **members)
+  return Ensemble(model.config, config.ensemble.size, **members)
 
 
 def is_ensemble(model: nn.Module) -> bool:
+  """Whether `model` returns M members' outputs (an Ensemble or an E3)."""
+  return isinstance(model, (Ensemble, E3))
+
+
+def has_member_axis(model: nn.Module) -> bool:
+  """Whether `model`'s parameters carry a leading member axis (an Ensemble; E3's copies share
+  one tree)."""
   return isinstance(model, Ensemble)
+
+
+def final_hidden(model: nn.Module, intermediates: PyTree) -> jax.Array:
+  """The members' final hidden states [M, B, S, D] (M = 1 for a TransformerLM) that `model`
+  sowed into the 'intermediates' it returned."""
+  if has_member_axis(model):
+    hidden, = intermediates['members']['final_hidden']
+    return hidden
+  hidden, = intermediates['final_hidden']
+  members = model.size if is_ensemble(model) else 1
+  return hidden.reshape((members, -1) + hidden.shape[1:])
 
 
 def member_params(tree: PyTree, member: int) -> PyTree:
@@ -293,12 +400,8 @@ def members_fn(model: nn.Module, variables: PyTree) -> MembersFn:
   @jax.jit
   def apply(tokens):
     (logits, _), state = model.apply(variables, tokens, mutable=['intermediates'])
-    intermediates = state['intermediates']
-    if is_ensemble(model):
-      hidden, = intermediates['members']['final_hidden']
-      return log_probs(logits), hidden
-    hidden, = intermediates['final_hidden']
-    return log_probs(logits)[None], hidden[None]
+    lp = log_probs(logits)
+    return (lp if is_ensemble(model) else lp[None]), final_hidden(model, state['intermediates'])
   return apply
 
 
@@ -520,10 +623,14 @@ def _windows(tokens, starts, seq_len):
   return np.asarray(tokens[index], dtype=np.int32)
 
 
-def make_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> EnsembleData:
-  """The member streams of `config.ensemble` over the Dataset `ds` of `config.data`."""
+def make_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset
+              ) -> EnsembleData | data_lib.Dataset:
+  """The member streams of `config.ensemble` over the Dataset `ds` of `config.data`; for E3,
+  whose copies read one batch, `ds` itself without the held-out tail."""
   ens = config.ensemble
   train, holdout = split_holdout(ds.train_tokens, ens.holdout_fraction)
+  if is_e3(config):
+    return dataclasses.replace(ds, train_tokens=train)
   if ens.method == 'bagging':
     streams = [bootstrap_stream(train, config.seed, m) for m in range(ens.size)]
   else:
@@ -564,15 +671,21 @@ def is_additive(config: ml_collections.ConfigDict) -> bool:
   return config.ensemble.method == 'boosting' and config.ensemble.boosting == 'additive'
 
 
-def train_objective(additive: bool):
+def train_objective(config: ml_collections.ConfigDict):
   """The moejax.objective of an ensemble train step: output (logits [M, B, S, V], aux with a
   leading M) and batch [M, B, S+1] -> (Σ_m (CE_m + aux_loss_m), metrics). The sum gives each member
-  exactly the gradient it would get trained alone; metrics: `loss` the mean member CE,
-  `member_loss` [M], and the aux metrics averaged over members."""
+  exactly the gradient it would get trained alone. E3's copies share their parameters and read
+  one batch [B, S+1]: their loss is the mean over copies, a single model's loss on the M copies.
+  metrics: `loss` the mean member CE, `member_loss` [M], and the aux metrics averaged over
+  members."""
+  additive = is_additive(config)
+  over_members = jnp.mean if is_e3(config) else jnp.sum
+
   def objective(output, batch):
     logits, aux = output
-    losses = member_losses(logits, batch[..., 1:], additive)
-    loss = jnp.sum(losses) + jnp.sum(aux['aux_loss'])
+    targets = jnp.broadcast_to(batch[..., 1:], logits.shape[:-1])
+    losses = member_losses(logits, targets, additive)
+    loss = over_members(losses) + over_members(aux['aux_loss'])
     metrics = {key: jnp.mean(value, axis=0) for key, value in aux.items()}
     return loss, dict(metrics, loss=jnp.mean(losses), member_loss=losses)
   return objective
@@ -630,8 +743,10 @@ def steps_per_member(config: ml_collections.ConfigDict) -> int:
 def optimizer(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
               ) -> optax.GradientTransformation:
   """A single model's `tx` for the ensemble of `config`: per member; under boosting only the
-  member of the current stage (step // steps_per_member) moves."""
+  member of the current stage (step // steps_per_member) moves; E3's shared tree takes tx."""
   size = config.ensemble.size
+  if is_e3(config):  # one parameter tree
+    return tx
   if config.ensemble.method != 'boosting':
     return per_member(tx, size)
   stage_steps = steps_per_member(config)
@@ -646,6 +761,33 @@ def schedule_count(opt_state) -> jax.Array:
 
 
 def train_batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """[M, B, S+1] (or [B, S+1] for a single model): what the train step receives."""
+  """[M, B, S+1] (or [B, S+1] for a single model or E3): what the train step receives."""
   shape = (config.data.batch_size, config.data.seq_len + 1)
-  return shape if config.ensemble.size == 1 else (config.ensemble.size,) + shape
+  return shape if config.ensemble.size == 1 or is_e3(config) else (config.ensemble.size,) + shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost: what E3 saves against a deep ensemble.
+
+
+def flops_per_token(config: ml_collections.ConfigDict) -> int:
+  """Training FLOPs of one token through all M members of config's model (model.flops_per_token):
+  M times a single model's for an Ensemble; for E3 the layers before the tiling count once."""
+  ens, seq_len = config.ensemble, config.data.seq_len
+  if is_e3(config):
+    return model_lib.flops_per_token(config.model, seq_len, ens.size, ens.e3_layers)
+  return ens.size * model_lib.flops_per_token(config.model, seq_len)
+
+
+def state_accounting(config: ml_collections.ConfigDict, params: PyTree, opt_state: PyTree
+                     ) -> dict[str, int]:
+  """memory.state_accounting of config's model plus `flops_per_token` (all members). Its
+  num_active_params counts each E3 layer's M·top_k experts: one token's M copies use disjoint
+  expert groups."""
+  accounting = memory.state_accounting(params, opt_state, config.model)
+  if is_e3(config):
+    ens, moe = config.ensemble, config.model.moe
+    for layer in model_lib.e3_layer_indices(config.model, ens.e3_layers):
+      routed = memory.tree_size(params[f'layer_{layer}']['ffn'][memory.EXPERTS_MODULE])
+      accounting['num_active_params'] += (ens.size - 1) * routed * moe.top_k // moe.num_experts
+  return dict(accounting, flops_per_token=flops_per_token(config))

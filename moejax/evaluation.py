@@ -82,6 +82,10 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
     if config.model.to_dict() != first.model.to_dict():
       raise ValueError(f'{workdir}: its model config differs from {workdirs[0]}\'s; decoding '
                        'members together (one vmapped KV cache) needs one architecture')
+  for workdir, (config, _, _) in zip(workdirs, restored):
+    if len(workdirs) > 1 and ensemble.is_e3(config):
+      raise ValueError(f"{workdir}: an E3 workdir (ensemble.method='e3') decodes alone: its "
+                       'copies share one parameter tree, which no member axis can stack')
   name, policy = precision.inference_policy(first.precision.policy, precision_name)
   num_members = sum(config.ensemble.size for config, _, _ in restored)
   if num_members == 1:
@@ -99,8 +103,11 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
              for (config, _, _), tree in zip(restored, trees)]
     return {'members': jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)}
 
-  params = stacked([p for _, p, _ in restored])
-  router_state = stacked([s for _, _, s in restored]) if restored[0][2] else {}
+  if len(restored) == 1:  # one ensemble workdir: its own tree (members stacked, or E3's)
+    _, params, router_state = restored[0]
+  else:
+    params = stacked([p for _, p, _ in restored])
+    router_state = stacked([s for _, _, s in restored]) if restored[0][2] else {}
   config = _with_fusion(first, num_members, fusion, weights)
   model = ensemble.build_model(config, policy)
   variables = train.model_variables(params, router_state)
@@ -125,6 +132,8 @@ def _with_fusion(config: ml_collections.ConfigDict, num_members: int, fusion: st
   """`config` with the ensemble section describing the M members being fused."""
   config = ml_collections.ConfigDict(config.to_dict())
   ens = config.ensemble
+  if ens.method == 'e3' and num_members != ens.size:
+    ens.update(method='deep', e3_layers=0)  # E3's copies among other members: the fusion only
   ens.size = num_members
   if fusion:
     ens.fusion = fusion

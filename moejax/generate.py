@@ -9,7 +9,7 @@ temperature and top_k traced. Past model.max_seq_len the cache is a sliding wind
 max_seq_len positions (see CausalSelfAttention._attend_cached); a longer prompt is prefilled from
 its last max_seq_len tokens. An `ensemble.Ensemble` decodes all members at once, each with its own
 KV cache (a leading member axis), and samples from their fused distribution (`fusion`, see
-moejax.ensemble). Routing that looks across tokens (expert choice, or a capacity dispatch that
+moejax.ensemble); an `ensemble.E3` likewise, its layers after the tiling caching all M copies. Routing that looks across tokens (expert choice, or a capacity dispatch that
 drops) sees one token at a time here, so it can differ from a full forward pass.
 """
 import functools
@@ -96,7 +96,7 @@ def _generate(model, variables, prompt_tokens, rng, temperature, top_k, fusion_p
       return logits[:, -1], state['cache']
     (logits, _), state = model.apply({**variables, 'cache': cache}, tokens, decode=True,
                                      mutable=['cache', 'intermediates'])
-    hidden, = state['intermediates']['members']['final_hidden']
+    hidden = ensemble.final_hidden(model, state['intermediates'])
     rule, weights = fusion
     fused = ensemble.fuse(ensemble.log_probs(logits[:, :, -1]), rule, weights, fusion_params,
                           hidden[:, :, -1])

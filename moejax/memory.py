@@ -56,11 +56,14 @@ def state_accounting(params: PyTree, opt_state: PyTree, model_config) -> dict[st
 
 
 def format_accounting(accounting: dict[str, int]) -> str:
-  """One start-up line: total and active parameters, bytes per parameter of params and optimizer."""
+  """One start-up line: total and active parameters, bytes per parameter of params and optimizer,
+  and the training FLOPs per token when the accounting has them."""
   n = accounting['num_params']
+  flops = accounting.get('flops_per_token')
   return (f'params: {n:,} total, {accounting["num_active_params"]:,} active per token; '
           f'bytes per parameter: params {accounting["params_bytes"] / n:.2f}, optimizer state '
-          f'{accounting["opt_state_bytes"] / n:.2f}')
+          f'{accounting["opt_state_bytes"] / n:.2f}'
+          + ('' if flops is None else f'; training FLOPs per token {flops:,}'))
 
 
 def compiled_memory(compiled) -> dict[str, int]:

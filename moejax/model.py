@@ -7,6 +7,11 @@ Pre-norm blocks `x += attn(norm(x)); x += ffn(norm(x))` with rotary positions (S
 RoFormer) and RMSNorm (Zhang & Sennrich 2019). Layer `i` is an MoE layer when `ffn == 'moe'`,
 `i >= first_dense_layers` and `(i - first_dense_layers) % moe_every == 0`; otherwise a dense FFN.
 Decoding (`decode=True`) keeps post-RoPE keys and values in the 'cache' collection.
+
+E3 (`e3_copies` M > 1, see moejax.ensemble.E3): the last `e3_layers` MoE layers split their
+experts into M groups; the first of them tiles its FFN input M times, and from there on every
+layer runs on the M copies of the batch, copy-major ([M·B, S, D]: copy m is rows [m·B, (m+1)·B)),
+each copy routing within its own expert group.
 """
 import flax.linen as nn
 import jax
@@ -36,6 +41,22 @@ def is_moe_layer(model_config, layer):
   if model_config.ffn != 'moe' or layer < model_config.first_dense_layers:
     return False
   return (layer - model_config.first_dense_layers) % model_config.moe_every == 0
+
+
+def moe_layers(model_config) -> list[int]:
+  """The MoE layers' indices under `model_config`, in order."""
+  return [layer for layer in range(model_config.num_layers) if is_moe_layer(model_config, layer)]
+
+
+def e3_layer_indices(model_config, e3_layers: int) -> list[int]:
+  """The last `e3_layers` MoE layers' indices (E3's layers); ValueError unless 1..L_moe of them."""
+  layers = moe_layers(model_config)
+  if not 1 <= e3_layers <= len(layers):
+    raise ValueError(f'e3_layers={e3_layers}; expected 1..{len(layers)}, the number of MoE layers '
+                     f'(model.num_layers={model_config.num_layers}, model.ffn='
+                     f'{model_config.ffn!r}, model.first_dense_layers='
+                     f'{model_config.first_dense_layers}, model.moe_every={model_config.moe_every})')
+  return layers[-e3_layers:]
 
 
 def validate_config(model_config):
@@ -188,10 +209,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm block: attention, then a dense or MoE FFN. [B, S, D] -> ([B, S, D], aux)."""
+  """Pre-norm block: attention, then a dense or MoE FFN. [B, S, D] -> ([B, S, D], aux).
+
+  E3: `tile_copies` (the first E3 layer) tiles the attention's output e3_copies = M times before
+  the FFN, so the block returns [M·B, S, D] and its attention ran once for the M identical copies;
+  in every E3 layer the MoE routes copy m within expert group m (`e3_copies`).
+  """
   config: ml_collections.FrozenConfigDict
   use_moe: bool
   expert_quantization: str = ''
+  e3_copies: int = 1
+  tile_copies: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -204,11 +232,14 @@ class Block(nn.Module):
                                     **dtypes)
     x = x + attention(h, decode)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    if self.tile_copies:
+      x = jnp.tile(x, (self.e3_copies, 1, 1))
     h = RMSNorm(name='ffn_norm', **dtypes)(x)
     if self.use_moe:
       # The `moe` section is MoE's fields, key for key. Expert parallel exactly when traced
       # under a mesh that splits the 'expert' axis.
       ffn = moe_lib.MoE(**cfg.moe, expert_quantization=self.expert_quantization,
+                        e3_copies=self.e3_copies,
                         expert_axis=expert_parallel.context_expert_axis(), name='ffn', **dtypes)
       y, aux = ffn(h, train=train)
     else:
@@ -225,9 +256,15 @@ class TransformerLM(nn.Module):
   the layers' own `aux_loss`; means over
   MoE layers of `load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy` (0.0
   without MoE layers); `expert_fraction` [L_moe, E] (shape [0, 1] without MoE layers).
+
+  With `e3_copies` M > 1 the logits are [M·B, S, V], copy-major, and the final hidden state
+  sown is [M·B, S, D] (moejax.ensemble.E3 presents both per copy); an E3 layer's aux values are
+  those of the copies' joint routing, i.e. means over the copies.
   """
   config: ml_collections.FrozenConfigDict  # the `model` section of an experiment config
   expert_quantization: str = ''  # of the routed experts: '' | 'int8' | 'int8_qat' (moejax.int8)
+  e3_copies: int = 1  # E3's M; 1 = the plain model
+  e3_layers: int = 0  # E3: how many of the last MoE layers split their experts (1..L_moe)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -249,10 +286,13 @@ class TransformerLM(nn.Module):
     # rest: about a third more compute for activations that no longer grow with depth.
     # static_argnums count `self`: (train, decode) are arguments 2 and 3.
     block_cls = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat and not decode else Block
+    e3 = e3_layer_indices(cfg, self.e3_layers) if self.e3_copies > 1 else []
     moe_aux = []
     for layer in range(cfg.num_layers):
       use_moe = is_moe_layer(cfg, layer)
-      block = block_cls(cfg, use_moe, self.expert_quantization, name=f'layer_{layer}', **dtypes)
+      block = block_cls(cfg, use_moe, self.expert_quantization,
+                        e3_copies=self.e3_copies if layer in e3 else 1,
+                        tile_copies=bool(e3) and layer == e3[0], name=f'layer_{layer}', **dtypes)
       x, aux = block(x, train, decode)
       if use_moe:
         moe_aux.append(aux)
@@ -306,7 +346,7 @@ def _moe_matmul_params_per_token(model_config):
   return (m.top_k + m.num_shared_experts) * expert + model_config.d_model * m.num_experts
 
 
-def flops_per_token(model_config, seq_len):
+def flops_per_token(model_config, seq_len, e3_copies=1, e3_layers=0):
   """Training FLOPs per token: 6 · (active matmul params) + 12 · L · D · S (attention).
 
   Counts the q, k, v, out projections (4 D²), each gated FFN (dense: 3 D F; MoE: 3 D moe.d_ff for
@@ -315,18 +355,26 @@ def flops_per_token(model_config, seq_len):
   cost 2 · 2 · S · D forward per token and layer, ×3 for training, counted over the full S×S
   square although causal masking skips half of it (the PaLM / MaxText convention). Expert-choice
   routing is counted as top_k experts per token, its average.
+
+  E3 (e3_copies M > 1 over the last e3_layers MoE layers): one input token's FLOPs for all M
+  copies, so the first E3 layer's FFN and every layer, norm and projection after it count M times.
   """
   validate_config(model_config)
   d = model_config.d_model
+  first_tiled = (e3_layer_indices(model_config, e3_layers)[0] if e3_copies > 1
+                 else model_config.num_layers)
+  copies = lambda tiled: e3_copies if tiled else 1
   dense_ffn = _FFN_MATMULS * d * model_config.d_ff
-  matmul_params = d * model_config.vocab_size
+  matmul_params = d * model_config.vocab_size * copies(e3_copies > 1)
+  attention_layers = 0
   for layer in range(model_config.num_layers):
-    matmul_params += 4 * d * d
+    attention_layers += copies(layer > first_tiled)
+    matmul_params += 4 * d * d * copies(layer > first_tiled)
     if is_moe_layer(model_config, layer):
-      matmul_params += _moe_matmul_params_per_token(model_config)
+      matmul_params += _moe_matmul_params_per_token(model_config) * copies(layer >= first_tiled)
     else:
-      matmul_params += dense_ffn
-  return 6 * matmul_params + 12 * model_config.num_layers * d * seq_len
+      matmul_params += dense_ffn * copies(layer >= first_tiled)
+  return 6 * matmul_params + 12 * attention_layers * d * seq_len
 
 
 def param_counts(params, model_config):

@@ -52,8 +52,8 @@ ROUTER_DTYPES = ('float32', 'bfloat16')  # bfloat16: the ablation of the float32
 _ROUTER_FIELD_NAMES = {'aux_free_bias_rate': 'bias_rate', 'router_dtype': 'dtype'}
 # MoE fields that are not config keys: they come from the model (mesh, quantization, policy) or
 # from Flax.
-_NON_CONFIG_FIELDS = ('expert_axis', 'expert_quantization', 'dtype', 'param_dtype', 'parent',
-                      'name')
+_NON_CONFIG_FIELDS = ('expert_axis', 'expert_quantization', 'e3_copies', 'dtype', 'param_dtype',
+                      'parent', 'name')
 
 
 def config_fields() -> tuple[str, ...]:
@@ -106,6 +106,9 @@ class MoE(nn.Module):
     expert_axis: mesh axis the experts are split over (expert parallelism, see
       moejax/expert_parallel.py; needs `sharding.mesh_context`); None = all experts on every device.
     expert_quantization: '' | 'int8' (int8 weights, inference) | 'int8_qat' (see moejax.int8).
+    e3_copies: M > 1 in an E3 layer (moejax.ensemble.E3): the batch holds M copies of the tokens
+      (copy m in rows [m·B/M, (m+1)·B/M)) and copy m routes only within expert group m, the
+      experts [m·E/M, (m+1)·E/M) (routing.copy_expert_mask). Token-choice routers only.
     router_dtype: compute dtype of the router's matmul and softmax, one of ROUTER_DTYPES:
       'float32' (the default, ST-MoE's selective precision) whatever `dtype` is; 'bfloat16' only
       for the ablation that shows why.
@@ -131,6 +134,7 @@ class MoE(nn.Module):
   z_loss_weight: float = 1e-3
   expert_axis: str | None = None
   expert_quantization: str = ''
+  e3_copies: int = 1
   router_dtype: str = 'float32'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -160,6 +164,25 @@ class MoE(nn.Module):
     experts_lib.check_activation(self.activation)
     if self.router_dtype not in ROUTER_DTYPES:
       raise ValueError(f'router_dtype={self.router_dtype!r}; expected one of {ROUTER_DTYPES}')
+    self._validate_e3()
+
+  def _validate_e3(self):
+    copies = self.e3_copies
+    if copies < 1 or self.num_experts % copies:
+      raise ValueError(f'e3_copies={copies}; must be >= 1 and divide num_experts='
+                       f'{self.num_experts}')
+    if copies == 1:
+      return
+    if self.top_k > self.num_experts // copies:
+      raise ValueError(f'top_k={self.top_k} exceeds the {self.num_experts // copies} experts of '
+                       f'each of the e3_copies={copies} expert groups')
+    if self.router not in routing_lib.TOKEN_CHOICE_ROUTERS:
+      raise ValueError(f'router={self.router!r} with e3_copies={copies}: E3 masks the tokens\' '
+                       f'choices; allowed routers: {routing_lib.TOKEN_CHOICE_ROUTERS}')
+    if self.top_groups < self.num_expert_groups:
+      raise ValueError(f'top_groups={self.top_groups} < num_expert_groups='
+                       f'{self.num_expert_groups} with e3_copies={copies}: group-limited routing '
+                       "could pick groups outside a copy's own")
 
   def _check_param_shapes(self, d_model: int):
     """Params made for another d_model/E/F fail here with a ValueError, not an XLA shape error."""
@@ -193,17 +216,26 @@ class MoE(nn.Module):
     self._check_param_shapes(d_model)
     tokens = x.reshape(batch * seq, d_model)
     group_size = self.group_size or seq
+    expert_mask, capacity_factor = None, self.capacity_factor
+    if self.e3_copies > 1:
+      if batch % self.e3_copies:
+        raise ValueError(f'batch={batch} does not hold e3_copies={self.e3_copies} equal copies')
+      expert_mask = routing_lib.copy_expert_mask(batch * seq, self.num_experts, self.e3_copies)
+      # A capacity group of one copy reaches only that copy's E/M experts, which then get M times
+      # the slots that E experts would: the capacity is that of an E/M-expert layer.
+      capacity_factor = self.capacity_factor * self.e3_copies
 
     router_fields = {_ROUTER_FIELD_NAMES.get(key, key): getattr(self, key)
                      for key in config_fields()}
     routing = routing_lib.make_router(
         self.router, **{**router_fields, 'group_size': group_size,
-                        'param_dtype': self.param_dtype})(tokens, train=train)
+                        'param_dtype': self.param_dtype})(tokens, train=train,
+                                                          expert_mask=expert_mask)
     experts = experts_lib.Experts(self.num_experts, self.d_ff, self.activation, self.gmm_impl,
                                   quantization=self.expert_quantization, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name='experts')
     dispatch_args = dict(num_experts=self.num_experts, top_k=self.top_k,
-                         capacity_factor=self.capacity_factor, group_size=group_size,
+                         capacity_factor=capacity_factor, group_size=group_size,
                          capacity_priority=self.capacity_priority)
     if self.expert_axis is None or self.is_initializing():
       y, dropped = dispatch_lib.dispatch(self.dispatch, tokens.astype(self.dtype), routing,

@@ -15,6 +15,11 @@ or -1 when the slot is empty (expert choice leaves most slots empty), and `combi
 its gate (0 for empty slots). Every dispatch treats -1 as "no slot": it takes no capacity and no
 compute. `priority[t]` is token t's highest router probability, the key by which the capacity
 dispatch ranks tokens under capacity_priority='score' (V-MoE's batch-priority score).
+
+Token-choice routers take an optional `expert_mask` [T, E] bool, the experts each token may use:
+the others' logits are -inf before the softmax, so the gates are the softmax over the allowed
+experts alone and no slot ever reaches another. E3's block-diagonal router (`copy_expert_mask`)
+is made of it.
 """
 import dataclasses
 import math
@@ -139,12 +144,31 @@ def group_limited_scores(scores: jax.Array, num_expert_groups: int, top_groups: 
   return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(num_tokens, num_experts)
 
 
+def copy_expert_mask(num_tokens: int, num_experts: int, copies: int) -> jax.Array:
+  """E3's block-diagonal router (Allingham et al. 2022, sec. 4): [T, E] bool, True where token t
+  may use expert e. The T tokens are `copies` equal consecutive blocks (the copies of one batch)
+  and the E experts as many groups of consecutive experts; copy m may use group m only."""
+  if num_tokens % copies or num_experts % copies:
+    raise ValueError(f'E3 copies={copies} must divide the number of tokens T={num_tokens} and '
+                     f'num_experts={num_experts}')
+  token_copy = jnp.arange(num_tokens) // (num_tokens // copies)
+  expert_group = jnp.arange(num_experts) // (num_experts // copies)
+  return token_copy[:, None] == expert_group[None, :]
+
+
+def _restrict(scores: jax.Array, expert_mask: jax.Array | None) -> jax.Array:
+  """scores [T, E] with the experts outside `expert_mask` at -inf (None: all allowed)."""
+  return scores if expert_mask is None else jnp.where(expert_mask, scores, -jnp.inf)
+
+
 def _top_k_routing(logits: jax.Array, probs: jax.Array, selection_scores: jax.Array, top_k: int,
-                   normalize_top_k: bool, num_expert_groups: int = 1, top_groups: int = 1
-                   ) -> Routing:
+                   normalize_top_k: bool, num_expert_groups: int = 1, top_groups: int = 1,
+                   expert_mask: jax.Array | None = None) -> Routing:
   """Picks the top_k experts of each token by `selection_scores` [T, E], within its top_groups
-  best expert groups (`group_limited_scores`); gates from `probs`."""
+  best expert groups (`group_limited_scores`) and its `expert_mask`; gates from `probs`."""
   check_expert_groups(probs.shape[-1], top_k, num_expert_groups, top_groups)
+  # Masked again here: a bias (aux-free) lifts the masked experts' zero probabilities.
+  selection_scores = _restrict(selection_scores, expert_mask)
   selection_scores = group_limited_scores(selection_scores, num_expert_groups, top_groups)
   _, expert_index = jax.lax.top_k(selection_scores, top_k)
   gate = jnp.take_along_axis(probs, expert_index, axis=-1)
@@ -178,13 +202,15 @@ class TopKRouter(nn.Module):
   kernel_init: Initializer = default_router_init
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
-    """x [T, D] -> Routing with K = top_k."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               expert_mask: jax.Array | None = None) -> Routing:
+    """x [T, D], expert_mask [T, E] bool or None -> Routing with K = top_k."""
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
                             self.param_dtype, self.kernel_init, self.dtype)
+    logits = _restrict(logits, expert_mask)
     probs = jax.nn.softmax(logits, axis=-1)
     return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k,
-                          self.num_expert_groups, self.top_groups)
+                          self.num_expert_groups, self.top_groups, expert_mask)
 
 
 class NoisyTopKRouter(TopKRouter):
@@ -195,8 +221,9 @@ class NoisyTopKRouter(TopKRouter):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
-    """x [T, D] -> Routing with K = top_k."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               expert_mask: jax.Array | None = None) -> Routing:
+    """x [T, D], expert_mask [T, E] bool or None -> Routing with K = top_k."""
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
                             self.param_dtype, self.kernel_init, self.dtype)
     noise_kernel = self.param(
@@ -206,9 +233,10 @@ class NoisyTopKRouter(TopKRouter):
       noise_std = jax.nn.softplus(
           jnp.einsum('td,de->te', x.astype(jnp.float32), noise_kernel.astype(jnp.float32)))
       logits = logits + noise_std * jax.random.normal(self.make_rng('router'), logits.shape)
+    logits = _restrict(logits, expert_mask)
     probs = jax.nn.softmax(logits, axis=-1)
     return _top_k_routing(logits, probs, probs, self.top_k, self.normalize_top_k,
-                          self.num_expert_groups, self.top_groups)
+                          self.num_expert_groups, self.top_groups, expert_mask)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -241,8 +269,12 @@ class ExpertChoiceRouter(nn.Module):
   kernel_init: Initializer = default_router_init
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
-    """x [T, D] -> Routing with K = E."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               expert_mask: jax.Array | None = None) -> Routing:
+    """x [T, D] -> Routing with K = E. An expert_mask is refused: experts pick the tokens here."""
+    if expert_mask is not None:
+      raise ValueError("router='expert_choice' takes no expert_mask (E3's block-diagonal "
+                       'routing): its experts choose tokens; use a token-choice router')
     num_tokens = x.shape[0]
     group_size = self.group_size or num_tokens
     if group_size < 0 or num_tokens % group_size:
@@ -290,14 +322,17 @@ class AuxFreeRouter(nn.Module):
   kernel_init: Initializer = default_router_init
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> Routing:
-    """x [T, D] -> Routing with K = top_k."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               expert_mask: jax.Array | None = None) -> Routing:
+    """x [T, D], expert_mask [T, E] bool or None -> Routing with K = top_k."""
     bias = self.variable('router_state', 'bias', jnp.zeros, (self.num_experts,), jnp.float32)
     logits = _router_logits(self, x, self.num_experts, self.jitter_noise, train,
                             self.param_dtype, self.kernel_init, self.dtype)
+    logits = _restrict(logits, expert_mask)
     probs = jax.nn.softmax(logits, axis=-1)
     routing = _top_k_routing(logits, probs, probs + bias.value, self.top_k,
-                             self.normalize_top_k, self.num_expert_groups, self.top_groups)
+                             self.normalize_top_k, self.num_expert_groups, self.top_groups,
+                             expert_mask)
     if train and self.is_mutable_collection('router_state') and not self.is_initializing():
       load = jnp.sum(jax.nn.one_hot(routing.expert_index, self.num_experts, dtype=jnp.float32),
                      axis=(0, 1))
@@ -309,6 +344,8 @@ class AuxFreeRouter(nn.Module):
 _ROUTER_CLASSES = {'top_k': TopKRouter, 'noisy_top_k': NoisyTopKRouter,
                    'expert_choice': ExpertChoiceRouter, 'aux_free': AuxFreeRouter}
 ROUTERS = tuple(_ROUTER_CLASSES)
+# Routers where each token picks its experts: the ones group limits and expert masks apply to.
+TOKEN_CHOICE_ROUTERS = tuple(name for name in ROUTERS if name != 'expert_choice')
 
 
 def make_router(name: str, **fields) -> nn.Module:
@@ -321,9 +358,9 @@ def make_router(name: str, **fields) -> nn.Module:
   if name not in _ROUTER_CLASSES:
     raise ValueError(f'router={name!r}; allowed values: {ROUTERS}')
   groups = (fields.get('num_expert_groups', 1), fields.get('top_groups', 1))
-  if name == 'expert_choice' and groups != (1, 1):
+  if name not in TOKEN_CHOICE_ROUTERS and groups != (1, 1):
     raise ValueError(f'num_expert_groups={groups[0]}, top_groups={groups[1]}: group-limited '
-                     "routing is for token choice; router='expert_choice' needs 1 and 1")
+                     f"routing is for token choice; router={name!r} needs 1 and 1")
   router_cls = _ROUTER_CLASSES[name]
   own = {field.name for field in dataclasses.fields(router_cls)} - {'parent', 'name'}
   return router_cls(**{key: value for key, value in fields.items() if key in own}, name='router')

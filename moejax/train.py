@@ -290,7 +290,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     # The rate this update used: the schedule's own count (the chain's last state) does not
     # advance on skipped steps, unlike state.step.
     learning_rate = schedule(ensemble_lib.schedule_count(state.opt_state)
-                             if ensemble_lib.is_ensemble(model) else state.opt_state[-1].count)
+                             if ensemble_lib.has_member_axis(model) else state.opt_state[-1].count)
     metrics = dict(
         **objective_metrics, learning_rate=learning_rate, grad_norm=optax.tree.norm(grads),
         loss_scale=state.loss_scale.scale, skipped=(~finite).astype(jnp.int32),
@@ -354,9 +354,9 @@ def _build_experiment(config: ml_collections.ConfigDict) -> _Experiment:
   rules = sharding.logical_rules(config.mesh)
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   objective = eval_objective = objective_lib.lm_objective
-  if config.ensemble.size > 1:  # one batch per member; eval batches are shared
+  if config.ensemble.size > 1:  # one batch per member (E3: one for all); eval batches are shared
     ds = ensemble_lib.make_data(config, ds)
-    objective = ensemble_lib.train_objective(ensemble_lib.is_additive(config))
+    objective = ensemble_lib.train_objective(config)
     eval_objective = ensemble_lib.eval_objective(config)
   eval_batches = _eval_batches(ds, config, mesh, rules)
   model = ensemble_lib.build_model(config, precision.get_policy(config.precision.policy),
@@ -470,8 +470,10 @@ def _progress_action(config, writer, timer: periodic.StepTimer, results: dict, i
                      ) -> periodic.PeriodicAction:
   """Writes the train metrics line (with throughput and skipped_steps) and prints progress."""
   num_steps = config.train.num_steps
+  # Member tokens: each of the M members (or E3 copies) predicts every token of its batch.
   tokens_per_step = config.ensemble.size * config.data.batch_size * config.data.seq_len
-  flops_per_step = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+  flops_per_step = (ensemble_lib.flops_per_token(config)
+                    * config.data.batch_size * config.data.seq_len)
   peak_flops = config.train.peak_flops or metrics_lib.peak_flops_per_device()
 
   def log(step, state, metrics):
@@ -593,7 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.truncate_after(step - 1 if step == 0 else step)
       if step == 0:
         # The run's first metrics line: what its policy costs, from the real pytrees.
-        accounting = memory.state_accounting(state.params, state.opt_state, config.model)
+        accounting = ensemble_lib.state_accounting(config, state.params, state.opt_state)
         writer.write(0, accounting)
         if is_main:
           print(memory.format_accounting(accounting), flush=True)
@@ -618,7 +620,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       # --- Loop ----------------------------------------------------------------------------------
       while step < num_steps:
-        if config.ensemble.size > 1:  # boosting by reweighting draws a member's data at its stage
+        # Boosting by reweighting draws a member's data when its stage starts.
+        if isinstance(exp.ds, ensemble_lib.EnsembleData):
           exp.ds.start_stage(step, lambda: ensemble_lib.members_fn(
               exp.model, model_variables(state.params, state.router_state)))
         local = exp.ds.train_batch(step, jax.process_index(), jax.process_count())
@@ -734,7 +737,7 @@ def training_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     if config.train.distill_from:
       raise ValueError(f'train.distill_from={config.train.distill_from!r} with ensemble.size='
                        f'{config.ensemble.size}: distilling into an ensemble is not supported')
-    return ensemble_lib.train_objective(ensemble_lib.is_additive(config))
+    return ensemble_lib.train_objective(config)
   if not config.train.distill_from:
     return objective_lib.lm_objective
   return objective_lib.distillation_objective(teacher_log_probs_fn(config, mesh),

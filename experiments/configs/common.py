@@ -28,7 +28,10 @@ def ensemble() -> ml_collections.ConfigDict:
   """The `ensemble` section (moejax.ensemble): size 1 is a single model."""
   return ml_collections.ConfigDict(dict(
       size=1,                    # M members
-      method='deep',             # 'deep' | 'bagging' | 'boosting'
+      method='deep',             # 'deep' | 'bagging' | 'boosting' | 'e3'
+      # 'e3' (efficient ensemble of experts): the last e3_layers MoE layers split their experts
+      # into `size` groups, one per copy of the tiled hidden state; 0 for the other methods.
+      e3_layers=0,
       boosting='additive',       # 'additive' (logits, needs fusion 'sum_logits') | 'reweight'
       # 'mean_prob' | 'mean_logprob' | 'weighted' | 'stacked' | 'gated' | 'sum_logits'
       fusion='mean_prob',
