@@ -261,7 +261,7 @@ def final_hidden(model: nn.Module, intermediates: PyTree) -> jax.Array:
     hidden, = intermediates['members']['final_hidden']
     return hidden
   hidden, = intermediates['final_hidden']
-  members = model.size if is_ensemble(model) else 1
+  members = model.size if isinstance(model, E3) else 1
   return hidden.reshape((members, -1) + hidden.shape[1:])
 
 

@@ -7,6 +7,9 @@ devices for it. Other ways to build and fuse the members are flags on top:
   --config.ensemble.method=boosting --config.ensemble.fusion=sum_logits   additive logit boosting
   --config.ensemble.method=boosting --config.ensemble.boosting=reweight   reweighted documents
   --config.ensemble.fusion=stacked|gated      fitted on held-out training data by evaluate.py
+  --config.ensemble.method=e3 --config.ensemble.e3_layers=1 --config.model.moe.num_experts=8
+                                              E3: one MoE whose last MoE layer gives each member
+                                              its own 8 / M experts (docs/benchmarks.md)
 
 Command:  python experiments/train.py --config=experiments/configs/ensemble_tiny.py --workdir=/tmp/ensemble_tiny
           python experiments/evaluate.py --workdir=/tmp/ensemble_tiny
