@@ -547,11 +547,14 @@ class EnsembleData:
   needs no data state. The held-out tail feeds `holdout_batches` (stacking and gating).
   Boosting by reweighting replaces member m's stream when its stage starts (`start_stage`), by
   a resample drawn from the frozen earlier members' losses: again a pure function of the run.
+  Additive boosting (`shared_windows`) gives every member the windows of member 0: member m fits the
+  residual of the earlier members' summed logits, which only means something on the same tokens.
   """
   dataset: data_lib.Dataset
   streams: list[np.ndarray]
   holdout_tokens: np.ndarray
   stage_steps: int = 0  # > 0: boosting by reweighting, member m's stage starts at m·stage_steps
+  shared_windows: bool = False
   reweighted: set[int] = dataclasses.field(default_factory=set)
 
   @property
@@ -569,7 +572,7 @@ class EnsembleData:
     lo = process_index * local
     rows = []
     for member, stream in enumerate(self.streams):
-      rng = np.random.default_rng([ds.seed, member, step])
+      rng = np.random.default_rng([ds.seed, 0 if self.shared_windows else member, step])
       starts = rng.integers(0, len(stream) - ds.seq_len, size=ds.batch_size)[lo:lo + local]
       rows.append(_windows(stream, starts, ds.seq_len))
     return np.stack(rows)
@@ -641,7 +644,8 @@ def make_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset
                        f'data.seq_len+1={ds.seq_len + 1}')
   reweight = ens.method == 'boosting' and ens.boosting == 'reweight'
   return EnsembleData(ds, list(streams), holdout,
-                      stage_steps=steps_per_member(config) if reweight else 0)
+                      stage_steps=steps_per_member(config) if reweight else 0,
+                      shared_windows=is_additive(config))
 
 
 def holdout_split(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> np.ndarray:

@@ -221,6 +221,15 @@ class MemberDataTest(parameterized.TestCase):
     halves = [data.train_batch(5, p, 2) for p in (0, 1)]
     np.testing.assert_array_equal(np.concatenate(halves, axis=1), batch)
 
+  def test_additive_boosting_members_read_the_same_windows(self):
+    # Member m fits the residual of the earlier members' summed logits: on the same tokens.
+    self.config.ensemble.update(method='boosting', fusion='sum_logits')
+    batch = ensemble.make_data(self.config, self.ds).train_batch(5)
+    for m in (1, 2):
+      np.testing.assert_array_equal(batch[m], batch[0])
+    self.assertFalse(np.array_equal(batch[0], ensemble.make_data(
+        self.config, self.ds).train_batch(6)[0]))
+
   def test_reweighting_draws_high_loss_documents_more_often(self):
     config = smoke_config(size=2, method='boosting', boosting='reweight')
     config.train.num_steps = 20
