@@ -17,10 +17,10 @@ Hardware: 2 CPU cores.
 Expected: fused validation NLL below the best member's (see docs/benchmarks.md).
 Measured: 2 CPU cores shared with other jobs, jax 0.10.2, 2026-12-02, this config at
           --config.data.batch_size=8 --config.train.num_steps=200 --config.optim.warmup_steps=20
-          (16 min): fused NLL 1.836
-          (linear pool), 1.826 (log-linear), 1.829 (stacked) vs the best member's 1.872 nats per
-          byte; ECE 0.042 (linear pool) vs the best member's 0.015: at this length the pool is
-          less well calibrated than its members. The whole table, with bagging and both boostings: docs/benchmarks.md.
+          (16 min): fused NLL 1.836 (linear pool), 1.826 (log-linear), 1.829 (stacked) vs the
+          best member's 1.872 nats per byte; ECE 0.042 (linear pool) vs the best member's 0.015:
+          at this length the pool is less well calibrated than its members. The whole table,
+          with bagging and both boostings: docs/benchmarks.md.
 Smoke:    --config=experiments/configs/ensemble_tiny.py:smoke runs in seconds.
 """
 from moejax import config_files
