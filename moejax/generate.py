@@ -9,8 +9,9 @@ temperature and top_k traced. Past model.max_seq_len the cache is a sliding wind
 max_seq_len positions (see CausalSelfAttention._attend_cached); a longer prompt is prefilled from
 its last max_seq_len tokens. An `ensemble.Ensemble` decodes all members at once, each with its own
 KV cache (a leading member axis), and samples from their fused distribution (`fusion`, see
-moejax.ensemble); an `ensemble.E3` likewise, its layers after the tiling caching all M copies. Routing that looks across tokens (expert choice, or a capacity dispatch that
-drops) sees one token at a time here, so it can differ from a full forward pass.
+moejax.ensemble); an `ensemble.E3` likewise, its layers after the tiling caching all M copies.
+Routing that looks across tokens (expert choice, or a capacity dispatch that drops) sees one
+token at a time here, so it can differ from a full forward pass.
 """
 import functools
 
