@@ -18,6 +18,7 @@ import numpy as np
 
 from moejax import expert_parallel
 from moejax import routing
+from moejax import script
 
 _TOKENS = flags.DEFINE_integer('tokens', 4096, 'T, all devices together.')
 _D_MODEL = flags.DEFINE_integer('d_model', 512, 'D.')
@@ -29,7 +30,7 @@ _BYTES = flags.DEFINE_integer('bytes_per_element', 2, '2 for bfloat16 activation
 
 
 def main(argv):
-  del argv
+  script.start(argv)
   t, d, e, k, n = (_TOKENS.value, _D_MODEL.value, _NUM_EXPERTS.value, _TOP_K.value,
                    _DEVICES.value)
   x = np.random.default_rng(0).standard_normal((t, d)).astype(np.float32)

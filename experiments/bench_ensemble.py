@@ -24,6 +24,7 @@ from moejax import data as data_lib
 from moejax import ensemble
 from moejax import objective as objective_lib
 from moejax import precision
+from moejax import script
 from moejax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'An ensemble experiment config.',
@@ -48,8 +49,7 @@ def _bytes(tree) -> int:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  script.start(argv)
   config = _CONFIG.value
   train.validate_config(config)
   size = config.ensemble.size

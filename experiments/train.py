@@ -21,7 +21,6 @@ import jax
 from ml_collections import config_flags
 
 from moejax import checkpoint
-from moejax import host_memory
 from moejax import script
 from moejax import train
 from moejax import workdir as workdir_lib
@@ -45,7 +44,6 @@ def _launched_on_a_cluster() -> bool:
 
 def main(argv):
   script.start(argv)
-  host_memory.reuse_freed_memory()  # before the backend starts (see moejax/host_memory.py)
   if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _launched_on_a_cluster():

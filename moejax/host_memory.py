@@ -14,8 +14,8 @@ few such blocks, since a new block does not always fit the hole the last one lef
 step besides its buffers).
 
 `reuse_freed_memory()` must run before the JAX backend starts (before the first array or
-`jax.devices()`): threads that already allocated keep their arenas. `experiments/train.py` calls
-it first thing; a notebook or program that trains on CPU can too. On other C libraries (macOS,
+`jax.devices()`): threads that already allocated keep their arenas. `moejax.script.start` calls
+it first thing in every experiment script; a notebook or program that trains on CPU can too. On other C libraries (macOS,
 musl) it does nothing and returns False.
 """
 import ctypes
