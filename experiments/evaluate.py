@@ -12,6 +12,8 @@ experts' `expert_weight_bytes`; an ensemble: members, fused, disagreement, mutua
 Uses the (first) run's own config and the validation batches training evaluated on, so a single
 model reproduces the last eval line of metrics.jsonl when run on the same devices (without
 --precision or --quantize).
+A stacked or gated fusion is fitted on the first run's selection split, so every run must have
+been trained with one data.selection_fraction > 0 (ensemble_tiny sets 0.02).
 """
 import json
 

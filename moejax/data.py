@@ -22,9 +22,12 @@ splits, so a branch can specialise on a domain and be scored on that domain's va
 library's top-level packages are natural domains (Branch-Train-Merge, Li et al. 2022, found that branches need
 domain splits; random splits do not help).
 
-Selection split: `data.selection_fraction` > 0 moves that share of the training files (by a second hash of the
-path) into a split that training never sees, for choices made after training such as the greedy soup's
-(moejax.merge); the validation split stays untouched for reporting.
+Selection split: `data.selection_fraction` > 0 holds out training data that training never sees, for fits and
+choices made after training: the greedy soup (moejax.merge) and the stacked and gated fusions (moejax.ensemble).
+For 'stdlib' and 'text' it is that share of the training files (by a second hash of the path); for 'tokens', the
+last `selection_fraction` of each file's training tokens (those before its validation tail), cut back to the
+end-of-document token (EOD_ID) before it so that no document is split; a file without one is cut at the exact
+token. The validation split stays untouched for reporting.
 
 Batches are pure functions of (seed, step): no iterator state, so resuming a run needs nothing from here.
 """
@@ -183,11 +186,25 @@ def _load_text(paths_field, val_fraction, include, selection_fraction):
                         selection_fraction)
 
 
+def _document_start(tokens, cut, chunk=1 << 20):
+  """The position just after the last EOD in tokens[:cut], or `cut` when there is none. Scans back a chunk at a
+  time, so a large memmap is not compared whole."""
+  hi = cut
+  while hi > 0:
+    lo = max(0, hi - chunk)
+    ends = np.flatnonzero(np.asarray(tokens[lo:hi]) == EOD_ID)
+    if len(ends):
+      return lo + int(ends[-1]) + 1
+    hi = lo
+  return cut
+
+
 @functools.lru_cache(maxsize=4)
-def _load_tokens(paths_field, token_dtype, val_fraction, vocab_size):
-  """Memmap token files; each file's last val_fraction of tokens is validation. One file: views, no copy."""
+def _load_tokens(paths_field, token_dtype, val_fraction, vocab_size, selection_fraction):
+  """Memmap token files -> (train, val, selection streams): each file's last val_fraction of tokens is validation,
+  the last selection_fraction of the rest (cut back to an EOD) selection. One file: views, no copy."""
   dtype = np.dtype(token_dtype)
-  train, val = [], []
+  train, val, selection = [], [], []
   for path, _ in _expand_globs(paths_field):
     size = os.path.getsize(path)
     if size % dtype.itemsize:
@@ -198,13 +215,17 @@ def _load_tokens(paths_field, token_dtype, val_fraction, vocab_size):
     max_id = int(tokens.max())
     if max_id >= vocab_size:
       raise ValueError(f'{path}: token id {max_id} >= model.vocab_size={vocab_size}')
-    num_val = int(np.ceil(len(tokens) * val_fraction))
-    train.append(tokens[:len(tokens) - num_val])
-    val.append(tokens[len(tokens) - num_val:])
+    num_train = len(tokens) - int(np.ceil(len(tokens) * val_fraction))
+    cut = num_train - int(np.ceil(num_train * selection_fraction))
+    if cut < num_train:
+      cut = _document_start(tokens, cut)
+    train.append(tokens[:cut])
+    selection.append(tokens[cut:num_train])
+    val.append(tokens[num_train:])
   if not train:
     raise ValueError(f'data.paths={paths_field!r}: the token corpus is empty (0 tokens)')
   join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)
-  return join(train), join(val)
+  return join(train), join(val), join(selection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +274,7 @@ class Dataset:
     return self._fixed_batches(self.val_tokens, num_batches, process_index, process_count)
 
   def selection_batches(self, num_batches, process_index=0, process_count=1):
-    """Like `eval_batches`, from the selection split (held-out training files; see data.selection_fraction)."""
+    """Like `eval_batches`, from the selection split (held-out training data; see data.selection_fraction)."""
     if len(self.selection_tokens) < self.seq_len + 1:
       raise ValueError(f'the selection split holds {len(self.selection_tokens)} tokens, fewer than one window of '
                        f'data.seq_len+1={self.seq_len + 1}; set data.selection_fraction > 0 (and train with it)')
@@ -314,14 +335,14 @@ def make_dataset(data_config, seed, vocab_size):
   include, selection_fraction = data_config.include, float(data_config.selection_fraction)
   if not 0.0 <= selection_fraction < 1.0:
     raise ValueError(f'data.selection_fraction must be in [0, 1), got {selection_fraction}')
-  selection = np.zeros(0, np.uint16)
   if corpus == 'tokens':
-    if _include_patterns(include) or selection_fraction:
-      raise ValueError("data.include and data.selection_fraction split corpora by file; data.corpus='tokens' "
-                       'has none (leave them empty and 0)')
+    if _include_patterns(include):
+      raise ValueError(f"data.include={include!r} picks files of the 'stdlib' and 'text' corpora by path; "
+                       "data.corpus='tokens' reads every file of data.paths (leave data.include empty)")
     if data_config.token_dtype not in TOKEN_DTYPES:
       raise ValueError(f'data.token_dtype must be one of {TOKEN_DTYPES}, got {data_config.token_dtype!r}')
-    train, val = _load_tokens(data_config.paths, data_config.token_dtype, val_fraction, vocab_size)
+    train, val, selection = _load_tokens(data_config.paths, data_config.token_dtype, val_fraction, vocab_size,
+                                         selection_fraction)
   else:
     if vocab_size < VOCAB_SIZE:
       raise ValueError(f'model.vocab_size={vocab_size} is smaller than the byte tokenizer\'s {VOCAB_SIZE} '
@@ -339,3 +360,20 @@ def make_dataset(data_config, seed, vocab_size):
   return Dataset(train_tokens=train, val_tokens=val, seq_len=int(data_config.seq_len),
                  batch_size=int(data_config.batch_size), eval_batch_size=int(data_config.eval_batch_size),
                  seed=int(seed), bytes_per_token=1.0, selection_tokens=selection)
+
+
+def check_selection_split(fractions, reader, trained):
+  """Raises ValueError unless every run that a post-hoc fit or choice draws on was trained with one
+  data.selection_fraction > 0: only then does the selection split it reads hold no data any of them trained on.
+
+  Args:
+    fractions: the data.selection_fraction of each run (the one whose selection split is read among them).
+    reader: what reads the selection split, for the message, e.g. 'the greedy soup'.
+    trained: whose training must have left it out, e.g. 'every ingredient'.
+  """
+  distinct = sorted({float(f) for f in fractions})
+  if len(distinct) != 1 or distinct[0] <= 0:
+    found = ' and '.join(str(f) for f in distinct)
+    raise ValueError(f'data.selection_fraction={found}: {reader} reads the selection split (the training data '
+                     f'data.selection_fraction holds out), so {trained} must have been trained with one '
+                     'data.selection_fraction > 0')

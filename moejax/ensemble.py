@@ -18,8 +18,9 @@ Fusion of member log-probabilities lp [M, ..., V] into one distribution (log-pro
                 members' final hidden states, fitted the same way: a model-level mixture of
                 experts (Jacobs et al. 1991);
   sum_logits    softmax(Σ_m lp_m), the predictor of additive (logit) boosting.
-Stacked and gated weights are fitted on `holdout_batches`, the tail of the *training* stream that
-an ensemble run's members never train on; the validation split is only ever scored.
+Stacked and gated weights are fitted on `ensemble.fit_batches` batches of the selection split,
+training data that `data.selection_fraction` holds out and the members never train on
+(`fit_on_selection`); the validation split is only ever scored.
 
 Building members (`ensemble.method`): 'deep' (own init, own data order; Lakshminarayanan et al.
 2017), 'bagging' (own bootstrap resample of the training documents, a pure function of
@@ -82,11 +83,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      'non-negative numbers with a positive sum (or () for equal weights)')
   if ens.fusion == 'weighted' and not ens.weights:
     raise ValueError("ensemble.fusion='weighted' needs ensemble.weights (one per member)")
-  if not 0 < ens.holdout_fraction < 1:
-    raise ValueError(f'ensemble.holdout_fraction={ens.holdout_fraction}; expected (0, 1)')
-  for key in ('fit_steps', 'holdout_batches'):
+  for key in ('fit_steps', 'fit_batches'):
     if ens[key] < 1:
       raise ValueError(f'ensemble.{key}={ens[key]}; expected an integer >= 1')
+  if ens.fusion in FITTED_FUSIONS:  # checked now: the fit runs after training, in evaluate.py
+    data_lib.check_selection_split([config.data.selection_fraction],
+                                   f'ensemble.fusion={ens.fusion!r}', 'the members')
   if ens.fit_learning_rate <= 0:
     raise ValueError(f'ensemble.fit_learning_rate={ens.fit_learning_rate}; expected > 0')
   if config.mesh.member > 0 and ens.size % config.mesh.member:
@@ -413,15 +415,15 @@ def concat_members(fns: list[MembersFn]) -> MembersFn:
   return apply
 
 
-def fit_on_holdout(config: ml_collections.ConfigDict, holdout_tokens: np.ndarray,
-                   ds: data_lib.Dataset, members: MembersFn) -> PyTree | None:
+def fit_on_selection(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                     members: MembersFn) -> PyTree | None:
   """fusion_params of `config.ensemble.fusion` ('stacked'/'gated'; None for the others), fitted
-  on `ensemble.holdout_batches` windows of the held-out training tokens; nothing else is read."""
+  on `ensemble.fit_batches` batches of `ds`'s selection split; nothing else of `ds` is read."""
   ens = config.ensemble
   if ens.fusion not in FITTED_FUSIONS:
     return None
   target_lp, hidden = [], []
-  for batch in holdout_batches(holdout_tokens, ds, ens.holdout_batches):
+  for batch in ds.selection_batches(ens.fit_batches):
     lp, h = members(jnp.asarray(batch[:, :-1]))
     target = jnp.take_along_axis(lp, jnp.asarray(batch[None, :, 1:, None]), axis=-1)[..., 0]
     target_lp.append(target.reshape(lp.shape[0], -1))
@@ -520,15 +522,6 @@ def documents(tokens: np.ndarray) -> list[np.ndarray]:
   return [d for d in np.split(np.asarray(tokens), ends) if len(d)]
 
 
-def split_holdout(train_tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """(train part, held-out part): the held-out part is the last `fraction` of the training stream,
-  cut at the document boundary (EOD) before it, so no document is split."""
-  cut = int(len(train_tokens) * (1 - fraction))
-  ends = np.flatnonzero(np.asarray(train_tokens[:cut]) == data_lib.EOD_ID)
-  cut = int(ends[-1]) + 1 if len(ends) else cut
-  return train_tokens[:cut], train_tokens[cut:]
-
-
 def bootstrap_stream(train_tokens: np.ndarray, seed: int, member: int) -> np.ndarray:
   """Member `member`'s bootstrap resample (Breiman 1996): as many documents as the stream holds,
   drawn with replacement by `np.random.default_rng([seed, member, tag])`, joined in draw order."""
@@ -542,9 +535,9 @@ class EnsembleData:
   """Per-member training streams over a Dataset, with the Dataset's eval batches.
 
   `train_batch(step, ...)` is int32 [M, B / process_count, S+1]: member m's rows are windows at
-  offsets drawn by `np.random.default_rng([seed, m, step])` from its own stream (the training
-  split minus the held-out tail; for bagging, the member's bootstrap resample of it). Resuming
-  needs no data state. The held-out tail feeds `holdout_batches` (stacking and gating).
+  offsets drawn by `np.random.default_rng([seed, m, step])` from its own stream (the Dataset's
+  training split, which leaves out the selection split; for bagging, the member's bootstrap
+  resample of it). Resuming needs no data state.
   Boosting by reweighting replaces member m's stream when its stage starts (`start_stage`), by
   a resample drawn from the frozen earlier members' losses: again a pure function of the run.
   Additive boosting (`shared_windows`) gives every member the windows of member 0: member m fits the
@@ -552,7 +545,6 @@ class EnsembleData:
   """
   dataset: data_lib.Dataset
   streams: list[np.ndarray]
-  holdout_tokens: np.ndarray
   stage_steps: int = 0  # > 0: boosting by reweighting, member m's stage starts at m·stage_steps
   shared_windows: bool = False
   reweighted: set[int] = dataclasses.field(default_factory=set)
@@ -576,10 +568,6 @@ class EnsembleData:
       starts = rng.integers(0, len(stream) - ds.seq_len, size=ds.batch_size)[lo:lo + local]
       rows.append(_windows(stream, starts, ds.seq_len))
     return np.stack(rows)
-
-  def holdout_batches(self, num_batches: int) -> list[np.ndarray]:
-    """`num_batches` int32 [eval_batch_size, S+1] of consecutive held-out training windows."""
-    return holdout_batches(self.holdout_tokens, self.dataset, num_batches)
 
   def start_stage(self, step: int, members: Callable[[], MembersFn]) -> None:
     """Before training `step` under boosting by reweighting: draws the stream of the member whose
@@ -609,18 +597,6 @@ class EnsembleData:
     self.reweighted.add(member)
 
 
-def holdout_batches(holdout_tokens: np.ndarray, ds: data_lib.Dataset, num_batches: int
-                    ) -> list[np.ndarray]:
-  window = ds.seq_len + 1
-  num_windows = len(holdout_tokens) // window
-  if num_windows < 1:
-    raise ValueError(f'the held-out training tail holds {len(holdout_tokens)} tokens, less than '
-                     f'one window of data.seq_len+1={window}; raise ensemble.holdout_fraction')
-  return [_windows(holdout_tokens,
-                   ((b * ds.eval_batch_size + np.arange(ds.eval_batch_size)) % num_windows)
-                   * window, ds.seq_len) for b in range(num_batches)]
-
-
 def _windows(tokens, starts, seq_len):
   index = np.asarray(starts, np.int64)[:, None] + np.arange(seq_len + 1)
   return np.asarray(tokens[index], dtype=np.int32)
@@ -629,28 +605,22 @@ def _windows(tokens, starts, seq_len):
 def make_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset
               ) -> EnsembleData | data_lib.Dataset:
   """The member streams of `config.ensemble` over the Dataset `ds` of `config.data`; for E3,
-  whose copies read one batch, `ds` itself without the held-out tail."""
+  whose copies read one batch, `ds` itself."""
   ens = config.ensemble
-  train, holdout = split_holdout(ds.train_tokens, ens.holdout_fraction)
   if is_e3(config):
-    return dataclasses.replace(ds, train_tokens=train)
+    return ds
   if ens.method == 'bagging':
-    streams = [bootstrap_stream(train, config.seed, m) for m in range(ens.size)]
+    streams = [bootstrap_stream(ds.train_tokens, config.seed, m) for m in range(ens.size)]
   else:
-    streams = [train] * ens.size
+    streams = [ds.train_tokens] * ens.size
   for member, stream in enumerate(streams):
     if len(stream) < ds.seq_len + 1:
       raise ValueError(f'member {member} trains on {len(stream)} tokens, fewer than a window of '
                        f'data.seq_len+1={ds.seq_len + 1}')
   reweight = ens.method == 'boosting' and ens.boosting == 'reweight'
-  return EnsembleData(ds, list(streams), holdout,
+  return EnsembleData(ds, list(streams),
                       stage_steps=steps_per_member(config) if reweight else 0,
                       shared_windows=is_additive(config))
-
-
-def holdout_split(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> np.ndarray:
-  """The held-out training tokens of `config` (the same cut an ensemble run trains without)."""
-  return split_holdout(ds.train_tokens, config.ensemble.holdout_fraction)[1]
 
 
 # ---------------------------------------------------------------------------------------------

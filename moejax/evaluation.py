@@ -8,9 +8,9 @@ ensemble workdir, or several workdirs that share a vocabulary) gives DESIGN.md's
   {members: [{eval_loss, eval_bits_per_byte, accuracy, ece}, ...],
    fused: {the same keys, fusion}, disagreement, mutual_information}
 (see moejax.ensemble for the definitions), with `eval_perplexity` beside each eval_loss. Stacked
-and gated fusions are fitted first on the held-out tail of the first config's training split
-(never the validation split); an ensemble run's members never trained on it, separately trained
-workdirs did.
+and gated fusions are fitted first on the first config's selection split (never the validation
+split), so every workdir must have been trained with the same data.selection_fraction > 0: then
+none of the members trained on it.
 """
 import os
 import sys
@@ -36,8 +36,8 @@ _SCORE_KEYS = ('eval_loss', 'eval_bits_per_byte', 'accuracy', 'ece')
 
 
 def load_members(workdirs: Sequence[str]
-                 ) -> tuple[ml_collections.ConfigDict, ensemble.MembersFn, int, list[int]]:
-  """(first config, members function, M, the latest checkpoint step of each workdir)."""
+                 ) -> tuple[list[ml_collections.ConfigDict], ensemble.MembersFn, int, list[int]]:
+  """(each workdir's config, members function, M, the latest checkpoint step of each workdir)."""
   configs, fns, steps = [], [], []
   for workdir in workdirs:
     config, params, router_state = workdir_lib.restore_params(workdir)
@@ -57,7 +57,7 @@ def load_members(workdirs: Sequence[str]
                        f'the evaluation windows (data.seq_len={first.data.seq_len} of '
                        f'{workdirs[0]})')
   num_members = sum(c.ensemble.size for c in configs)
-  return first, ensemble.concat_members(fns), num_members, steps
+  return configs, ensemble.concat_members(fns), num_members, steps
 
 
 class Decoder(NamedTuple):
@@ -73,8 +73,8 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
                   weights: Sequence[float] | None = None, precision_name: str = '',
                   quantize: str = 'none') -> Decoder:
   """Workdirs whose models share one architecture as one Ensemble (an ensemble workdir adds all
-  its members), for decoding; stacked and gated fusions fitted on the held-out training tail, as
-  in `evaluate`. precision_name, quantize: as experiments/generate.py's --precision, --quantize
+  its members), for decoding; stacked and gated fusions fitted on the selection split, as in
+  `evaluate`. precision_name, quantize: as experiments/generate.py's --precision, --quantize
   (int8 experts for a single model only)."""
   restored = [workdir_lib.restore_params(workdir) for workdir in workdirs]
   first = restored[0][0]
@@ -108,12 +108,11 @@ def load_ensemble(workdirs: Sequence[str], fusion: str | None = None,
   else:
     params = stacked([p for _, p, _ in restored])
     router_state = stacked([s for _, _, s in restored]) if restored[0][2] else {}
-  config = _with_fusion(first, num_members, fusion, weights)
+  config = _with_fusion([config for config, _, _ in restored], fusion, weights)
   model = ensemble.build_model(config, policy)
   variables = train.model_variables(params, router_state)
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
-  fusion_params = ensemble.fit_on_holdout(config, ensemble.holdout_split(config, ds), ds,
-                                          ensemble.members_fn(model, variables))
+  fusion_params = ensemble.fit_on_selection(config, ds, ensemble.members_fn(model, variables))
   return Decoder(config, name, model, variables,
                  dict(fusion=config.ensemble.fusion, weights=tuple(config.ensemble.weights),
                       fusion_params=fusion_params))
@@ -127,10 +126,11 @@ def _latest_step(workdir: str) -> int:
     ckpt.close()
 
 
-def _with_fusion(config: ml_collections.ConfigDict, num_members: int, fusion: str | None,
+def _with_fusion(configs: Sequence[ml_collections.ConfigDict], fusion: str | None,
                  weights: Sequence[float] | None) -> ml_collections.ConfigDict:
-  """`config` with the ensemble section describing the M members being fused."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  """The first of the workdirs' `configs` with the ensemble section describing all M members."""
+  num_members = sum(c.ensemble.size for c in configs)
+  config = ml_collections.ConfigDict(configs[0].to_dict())
   ens = config.ensemble
   if ens.method == 'e3' and num_members != ens.size:
     ens.update(method='deep', e3_layers=0)  # E3's copies among other members: the fusion only
@@ -145,6 +145,9 @@ def _with_fusion(config: ml_collections.ConfigDict, num_members: int, fusion: st
     ens.method = 'deep'  # a boosted run scored with another fusion: validate the fusion only
   config.mesh.member = 1
   config.mesh.expert = 1
+  if ens.fusion in ensemble.FITTED_FUSIONS:  # the first config's split; no member may know it
+    data_lib.check_selection_split([c.data.selection_fraction for c in configs],
+                                   f'the {ens.fusion} fusion', "every workdir's members")
   ensemble.validate_config(config)
   return config
 
@@ -176,7 +179,8 @@ def evaluate(workdirs: Sequence[str], fusion: str | None = None,
   model as trained."""
   if not workdirs:
     raise ValueError('evaluate: give at least one workdir')
-  config, members, num_members, steps = load_members(workdirs)
+  configs, members, num_members, steps = load_members(workdirs)
+  config = configs[0]
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   batches = ds.eval_batches(config.train.eval_steps)
   if num_members == 1:
@@ -185,15 +189,14 @@ def evaluate(workdirs: Sequence[str], fusion: str | None = None,
                        'trained with ensemble.size > 1')
     own = train.evaluate(workdir_lib.load_config(workdirs[0]), workdirs[0], precision_name,
                          quantize)
-    sums = score(_with_fusion(config, 1, 'mean_prob', None), members, batches)
+    sums = score(_with_fusion(configs, 'mean_prob', None), members, batches)
     fused = ensemble.scores(sums['fused'], ds.bytes_per_token)
     result = {**own, 'accuracy': fused['accuracy'], 'ece': fused['ece']}
   else:
     if precision_name or quantize != 'none':
       raise ValueError('--precision and --quantize apply to a single model, not an ensemble')
-    config = _with_fusion(config, num_members, fusion, weights)
-    fusion_params = ensemble.fit_on_holdout(config, ensemble.holdout_split(config, ds), ds,
-                                            members)
+    config = _with_fusion(configs, fusion, weights)
+    fusion_params = ensemble.fit_on_selection(config, ds, members)
     sums = score(config, members, batches, fusion_params)
     result = ensemble.ensemble_scores(sums, ds.bytes_per_token, config.ensemble.fusion)
     result['step'] = steps[0] if len(steps) == 1 else steps

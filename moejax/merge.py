@@ -381,11 +381,9 @@ def merge_workdirs(method: str, sources: Sequence[str], workdir: str,
       params = uniform_soup(params_list)
       detail = f'mean of {len(sources)} ingredients'
     else:
-      fractions = {c.data.selection_fraction for c in source_configs}
-      if fractions != {config.data.selection_fraction} or not config.data.selection_fraction:
-        raise ValueError(f'data.selection_fraction: {sorted(fractions)} in the sources; the greedy '
-                         'soup selects on held-out training files, so train every ingredient '
-                         'with the same data.selection_fraction > 0')
+      data_lib.check_selection_split(
+          [config.data.selection_fraction] + [c.data.selection_fraction for c in source_configs],
+          'the greedy soup', 'every ingredient')
       soup = greedy_soup(params_list, _selection_loss_fn(config, router_state))
       params = soup.params
       lines += [f'selection loss {soup.ingredient_losses[i]:.4f} {sources[i]}'

@@ -58,6 +58,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     tree = json.load(f)
   tree['mesh']['rules'] = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in tree['mesh']['rules'])
+  ensemble = tree.get('ensemble', {})
+  if 'holdout_fraction' in ensemble:  # recorded before the stacked/gated fit read the selection split
+    del ensemble['holdout_fraction']
+    ensemble['fit_batches'] = ensemble.pop('holdout_batches')
   config = ml_collections.ConfigDict(tree)
   config.lock()
   return config

@@ -292,3 +292,36 @@ def test_selection_split_comes_out_of_the_training_files_only():
   assert len(batches) == 2 and batches[0].shape == (4, S + 1)
   with pytest.raises(ValueError, match='data.selection_fraction'):
     data.make_dataset(data_config(selection_fraction=1.0), seed=0, vocab_size=257)
+
+
+def test_token_corpus_selection_split_is_each_files_training_tail_cut_at_an_eod(tmp_path):
+  # a.bin: documents of 10 tokens (9 ids, then EOD); b.bin has no EOD at all.
+  a = np.arange(200) % 10
+  a[a == 9] = data.EOD_ID
+  write_tokens(tmp_path / 'a.bin', a, 'uint16')
+  write_tokens(tmp_path / 'b.bin', np.arange(100), 'uint16')
+  config = data_config(corpus='tokens', paths=str(tmp_path / '*.bin'), val_fraction=0.1, selection_fraction=0.25)
+  ds = data.make_dataset(config, seed=0, vocab_size=300)
+  # a: 180 training tokens, the last 45 selection, moved back to the EOD at 129: the split starts at 130.
+  # b: 90 training tokens, the last 23 selection, cut at the exact token (no EOD to move back to).
+  np.testing.assert_array_equal(ds.train_tokens, np.concatenate([a[:130], np.arange(67)]))
+  np.testing.assert_array_equal(ds.selection_tokens, np.concatenate([a[130:180], np.arange(67, 90)]))
+  np.testing.assert_array_equal(ds.val_tokens, np.concatenate([a[180:], np.arange(90, 100)]))
+  assert ds.train_tokens[129] == data.EOD_ID and ds.selection_tokens[49] == data.EOD_ID
+  assert ds.selection_batches(1)[0].shape == (4, S + 1)
+  # Without a selection split, training keeps every token before the validation tail.
+  plain = data.make_dataset(data_config(corpus='tokens', paths=str(tmp_path / '*.bin'), val_fraction=0.1),
+                            seed=0, vocab_size=300)
+  assert len(plain.selection_tokens) == 0
+  np.testing.assert_array_equal(plain.train_tokens, np.concatenate([a[:180], np.arange(90)]))
+  with pytest.raises(ValueError, match=r"data.include='x/\*\*'.*'tokens'"):
+    data.make_dataset(data_config(corpus='tokens', paths=str(tmp_path / '*.bin'), include='x/**'),
+                      seed=0, vocab_size=300)
+
+
+def test_check_selection_split_wants_one_fraction_above_zero():
+  data.check_selection_split([0.1, 0.1], 'the greedy soup', 'every ingredient')
+  for fractions, found in (([0.0], '0.0'), ([0.1, 0.0], '0.0 and 0.1'), ([0.1, 0.2], '0.1 and 0.2')):
+    with pytest.raises(ValueError, match=rf'^data.selection_fraction={found}: the greedy soup .* every ingredient '
+                                          r'must have been trained with one data.selection_fraction > 0$'):
+      data.check_selection_split(fractions, 'the greedy soup', 'every ingredient')

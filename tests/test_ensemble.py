@@ -199,7 +199,7 @@ class MemberDataTest(parameterized.TestCase):
                                     self.config.model.vocab_size)
 
   def test_bootstrap_differs_between_members_and_is_reproducible(self):
-    train, _ = ensemble.split_holdout(self.ds.train_tokens, 0.02)
+    train = self.ds.train_tokens
     streams = [ensemble.bootstrap_stream(train, seed=0, member=m) for m in range(3)]
     for m in (1, 2):
       self.assertFalse(np.array_equal(streams[0][:100_000], streams[m][:100_000]))
@@ -255,28 +255,41 @@ class MemberDataTest(parameterized.TestCase):
     again.start_stage(12, lambda: members)
     np.testing.assert_array_equal(again.streams[1], drawn)
 
-  def test_members_never_train_on_the_holdout(self):
-    train, holdout = ensemble.split_holdout(self.ds.train_tokens, 0.02)
-    self.assertEqual(len(train) + len(holdout), len(self.ds.train_tokens))
-    self.assertEqual(int(train[-1]), data_lib.EOD_ID)
-    data = ensemble.make_data(self.config, self.ds)
-    held = {d.tobytes() for d in ensemble.documents(holdout)}
-    for stream in data.streams:
-      self.assertFalse(any(d.tobytes() in held for d in ensemble.documents(stream)[:200]))
+  @parameterized.parameters('deep', 'bagging')
+  def test_members_never_train_on_the_selection_split(self, method):
+    self.config.ensemble.method = method
+    self.config.data.selection_fraction = 0.05
+    ds = data_lib.make_dataset(self.config.data, self.config.seed, self.config.model.vocab_size)
+    # Documents only the selection split holds (a few stdlib files share their contents).
+    held = ({d.tobytes() for d in ensemble.documents(ds.selection_tokens)}
+            - {d.tobytes() for d in ensemble.documents(ds.train_tokens)})
+    self.assertNotEmpty(held)
+    for stream in ensemble.make_data(self.config, ds).streams:
+      self.assertFalse(any(d.tobytes() in held for d in ensemble.documents(stream)))
 
 
-class HoldoutFitTest(parameterized.TestCase):
+class SelectionFitTest(parameterized.TestCase):
 
-  @parameterized.parameters('stacked', 'gated')
-  def test_fit_never_reads_the_validation_split(self, fusion):
+  @parameterized.product(fusion=('stacked', 'gated'), split=('val_tokens', 'train_tokens'))
+  def test_fit_reads_neither_the_validation_nor_the_training_split(self, fusion, split):
     config = smoke_config(size=2, fusion=fusion)
+    config.data.selection_fraction = 0.05
     model = build(config)
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 1, 8), jnp.int32))['params'])
     members = ensemble.members_fn(model, {'params': params})
     ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
-    poisoned = dataclasses.replace(ds, val_tokens=np.full_like(ds.val_tokens, 7))
-    fitted = [ensemble.fit_on_holdout(config, ensemble.holdout_split(config, d), d, members)
-              for d in (ds, poisoned)]
+    poisoned = dataclasses.replace(ds, **{split: np.full_like(getattr(ds, split), 7)})
+    fitted = [ensemble.fit_on_selection(config, d, members) for d in (ds, poisoned)]
     chex.assert_trees_all_equal(*fitted)
     # The fit moved away from the uniform start, so the test could see a change.
     self.assertGreater(max(float(jnp.abs(x).max()) for x in jax.tree.leaves(fitted[0])), 0.0)
+
+  @parameterized.parameters('stacked', 'gated')
+  def test_a_fitted_fusion_without_a_selection_split_is_refused_before_training(self, fusion):
+    config = smoke_config(size=2, fusion=fusion)
+    with self.assertRaisesRegex(
+        ValueError, rf"^data.selection_fraction=0.0: ensemble.fusion='{fusion}' reads the selection "
+        r'split .* the members must have been trained with one data.selection_fraction > 0$'):
+      ensemble.validate_config(config)
+    config.data.selection_fraction = 0.05
+    ensemble.validate_config(config)

@@ -1,6 +1,7 @@
 """experiments/evaluate.py and generate.py on one workdir, and on workdirs fused as an ensemble."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,3 +68,31 @@ def test_generate_past_max_seq_len_and_from_fused_workdirs(workdir):
   assert fused.returncode == 0, fused.stderr[-3000:]
   # Two identical members fuse to the member itself.
   assert json.loads(fused.stdout)['text'] == text
+
+
+def recorded_with_selection_fraction(workdir, fraction, path):
+  """A copy of `workdir` whose recorded config says it trained with data.selection_fraction=fraction
+  (what the checks read; the parameters are the same)."""
+  shutil.copytree(workdir, path)
+  config_path = os.path.join(path, workdir_lib.CONFIG_FILE)
+  with open(config_path) as f:
+    config = json.load(f)
+  config['data']['selection_fraction'] = fraction
+  with open(config_path, 'w') as f:
+    json.dump(config, f)
+  return str(path)
+
+
+@pytest.mark.parametrize('fusion', ['stacked', 'gated'])
+def test_fitted_fusion_of_workdirs_needs_one_selection_fraction_above_zero(workdir, tmp_path, fusion):
+  with pytest.raises(ValueError, match=rf'^data.selection_fraction=0.0: the {fusion} fusion reads the '
+                                       r"selection split .* every workdir's members must have been trained"):
+    evaluation.evaluate([workdir, workdir], fusion=fusion)
+  held = recorded_with_selection_fraction(workdir, 0.1, tmp_path / 'held')
+  with pytest.raises(ValueError, match=r'^data.selection_fraction=0.0 and 0.1: '):
+    evaluation.evaluate([held, workdir], fusion=fusion)
+  with pytest.raises(ValueError, match=r'^data.selection_fraction=0.0 and 0.1: '):
+    evaluation.load_ensemble([held, workdir], fusion=fusion)
+  other = recorded_with_selection_fraction(workdir, 0.1, tmp_path / 'other')
+  report = evaluation.evaluate([held, other], fusion=fusion)
+  assert report['fused']['fusion'] == fusion and len(report['members']) == 2

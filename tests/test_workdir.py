@@ -170,3 +170,12 @@ def test_no_restorable_checkpoint_fails_naming_the_directory(run):
   with pytest.raises(ValueError, match=f'no checkpoint in {os.path.join(run, "checkpoints")} '
                                        r'restores completely \(step 4: .*; step 2: '):
     train.train_and_evaluate(small_config(num_steps=6), run)
+
+
+def test_a_config_recorded_before_fit_batches_loads_with_the_current_keys(tmp_path):
+  recorded = json.loads(small_config().to_json_best_effort())
+  fit_batches = recorded['ensemble'].pop('fit_batches')
+  recorded['ensemble'].update(holdout_fraction=0.02, holdout_batches=fit_batches)
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(recorded))
+  config = workdir_lib.load_config(str(tmp_path))
+  assert json.loads(config.to_json_best_effort()) == json.loads(small_config().to_json_best_effort())

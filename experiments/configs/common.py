@@ -36,8 +36,8 @@ def ensemble() -> ml_collections.ConfigDict:
       # 'mean_prob' | 'mean_logprob' | 'weighted' | 'stacked' | 'gated' | 'sum_logits'
       fusion='mean_prob',
       weights=(),                # 'weighted': one non-negative weight per member
-      holdout_fraction=0.02,     # tail of the training split members skip; stacked/gated fit on it
-      holdout_batches=4,         # eval-sized batches of it that the fit reads
+      # 'stacked' | 'gated' are fitted after training on the selection split: data.selection_fraction > 0
+      fit_batches=4,             # eval-sized batches of the selection split that the fit reads
       fit_steps=200,             # full-batch Adam steps of the stacked/gated fit
       fit_learning_rate=0.05,
   ))

@@ -66,7 +66,9 @@ def get_config(arg=None):
       token_dtype='uint16',
       val_fraction=0.05,
       include='',                # stdlib/text domain: globs of relative paths, e.g. 'asyncio/**,email/**'
-      selection_fraction=0.0,    # share of training files held out for post-hoc selection (greedy soup)
+      # held out of training for post-hoc fits (greedy soup, stacked/gated fusion): this share of the
+      # training files (stdlib/text), or of each file's training tokens, cut at an EOD (tokens)
+      selection_fraction=0.0,
       seq_len=1024,
       batch_size=16,             # 64 x 1024 without remat overflowed an 80 GB H100
       eval_batch_size=16,

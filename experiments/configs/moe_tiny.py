@@ -70,7 +70,9 @@ def get_config(arg=None):
       token_dtype='uint16',      # for 'tokens': 'uint16' | 'uint32'
       val_fraction=0.05,         # share of files (stdlib/text) or tokens (tokens) held out
       include='',                # stdlib/text domain: globs of relative paths, e.g. 'asyncio/**,email/**'
-      selection_fraction=0.0,    # share of training files held out for post-hoc selection (greedy soup)
+      # held out of training for post-hoc fits (greedy soup, stacked/gated fusion): this share of the
+      # training files (stdlib/text), or of each file's training tokens, cut at an EOD (tokens)
+      selection_fraction=0.0,
       seq_len=128,
       batch_size=32,             # global batch
       eval_batch_size=32,
