@@ -4,6 +4,7 @@
   python experiments/evaluate.py --workdir=/tmp/moe_tiny --quantize=int8 --precision=bf16
   python experiments/evaluate.py --workdir=/tmp/ensemble_tiny           # its members and fused
   python experiments/evaluate.py --workdirs=/tmp/a,/tmp/b --fusion=stacked
+  python experiments/evaluate.py --workdirs=/tmp/a,/tmp/b --include='email/**'   # one domain
 
 Prints the metrics as JSON on stdout, a table on stderr, and writes a reliability diagram (the
 workdir's reliability.png, or --out). One model: step, eval_loss, eval_bits_per_byte,
@@ -26,11 +27,13 @@ from moejax import script
 _FLAGS = evaluation.define_inference_flags('Training workdirs to fuse as one ensemble.')
 flags.adopt_module_key_flags(evaluation)  # --helpshort lists them
 _OUT = flags.DEFINE_string('out', None, 'Reliability diagram path; default: in the workdir.')
+_INCLUDE = flags.DEFINE_string('include', None, "Score only these validation files (globs as "
+                               "data.include, e.g. 'email/**'); default: the run's own.")
 
 
 def main(argv):
   script.start(argv)
-  result = evaluation.evaluate(out=_OUT.value, **_FLAGS.load_args())
+  result = evaluation.evaluate(out=_OUT.value, include=_INCLUDE.value, **_FLAGS.load_args())
   evaluation.print_table(result)
   print(json.dumps(result, indent=2))
 

@@ -159,9 +159,6 @@ def _split_by_file(named_paths, val_fraction, source, include='', selection_frac
   rest = [(p, rel) for p, rel in named_paths if not is_validation_file(rel, val_fraction)]
   selection = [p for p, rel in rest if is_selection_file(rel, selection_fraction)]
   train = [p for p, rel in rest if not is_selection_file(rel, selection_fraction)]
-  if selection_fraction > 0 and not selection:
-    raise ValueError(f'data.selection_fraction={selection_fraction} puts none of the {len(rest)} training files '
-                     f'of {source} in the selection split; raise it or add files')
   if not val:
     raise ValueError(f'data.val_fraction={val_fraction} puts none of the {len(named_paths)} files of {source} in '
                      'the validation split; raise data.val_fraction or add files')
@@ -276,8 +273,11 @@ class Dataset:
   def selection_batches(self, num_batches, process_index=0, process_count=1):
     """Like `eval_batches`, from the selection split (held-out training data; see data.selection_fraction)."""
     if len(self.selection_tokens) < self.seq_len + 1:
+      # Checked here, where the split is read, not when it is drawn: a small domain (data.include) may hold no
+      # selection file, and scoring that domain's validation files needs none.
       raise ValueError(f'the selection split holds {len(self.selection_tokens)} tokens, fewer than one window of '
-                       f'data.seq_len+1={self.seq_len + 1}; set data.selection_fraction > 0 (and train with it)')
+                       f'data.seq_len+1={self.seq_len + 1}; train with a data.selection_fraction > 0 that holds '
+                       'out at least one training file (of those data.include selects)')
     return self._fixed_batches(self.selection_tokens, num_batches, process_index, process_count)
 
   def _fixed_batches(self, tokens, num_batches, process_index, process_count):

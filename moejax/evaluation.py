@@ -172,14 +172,20 @@ def score(config: ml_collections.ConfigDict, members: ensemble.MembersFn,
 
 def evaluate(workdirs: Sequence[str], fusion: str | None = None,
              weights: Sequence[float] | None = None, out: str | None = None,
-             precision_name: str = '', quantize: str = 'none') -> dict[str, Any]:
+             precision_name: str = '', quantize: str = 'none', include: str | None = None
+             ) -> dict[str, Any]:
   """The JSON of `experiments/evaluate.py` for `workdirs` (see the module docstring); writes a
   reliability diagram to `out` (default: the first workdir's reliability.png). precision_name and
   quantize (train.evaluate's) apply to a single model only; accuracy and ece are then of the
-  model as trained."""
+  model as trained. `include` (globs, as data.include) scores only those validation files, e.g.
+  one domain's: files are assigned to the validation split one by one, so they are the same files
+  whatever the run trained on; a stacked or gated fit then reads those files' selection split."""
   if not workdirs:
     raise ValueError('evaluate: give at least one workdir')
   configs, members, num_members, steps = load_members(workdirs)
+  if include is not None:
+    for run_config in configs:
+      run_config.data.include = include
   config = configs[0]
   ds = data_lib.make_dataset(config.data, config.seed, config.model.vocab_size)
   batches = ds.eval_batches(config.train.eval_steps)
@@ -187,8 +193,7 @@ def evaluate(workdirs: Sequence[str], fusion: str | None = None,
     if fusion or weights:
       raise ValueError('--fusion and --weights need an ensemble: several workdirs, or a workdir '
                        'trained with ensemble.size > 1')
-    own = train.evaluate(workdir_lib.load_config(workdirs[0]), workdirs[0], precision_name,
-                         quantize)
+    own = train.evaluate(config, workdirs[0], precision_name, quantize)
     sums = score(_with_fusion(configs, 'mean_prob', None), members, batches)
     fused = ensemble.scores(sums['fused'], ds.bytes_per_token)
     result = {**own, 'accuracy': fused['accuracy'], 'ece': fused['ece']}

@@ -96,3 +96,19 @@ def test_fitted_fusion_of_workdirs_needs_one_selection_fraction_above_zero(workd
   other = recorded_with_selection_fraction(workdir, 0.1, tmp_path / 'other')
   report = evaluation.evaluate([held, other], fusion=fusion)
   assert report['fused']['fusion'] == fusion and len(report['members']) == 2
+
+
+def test_include_scores_one_domain_of_a_run_with_a_selection_split(workdir, tmp_path):
+  # asyncio holds no selection file at data.selection_fraction=0.05, and scoring its validation
+  # files needs none: the selection split is only checked where a fit reads it.
+  recorded = recorded_with_selection_fraction(workdir, 0.05, str(tmp_path / 'recorded'))
+  config = workdir_lib.load_config(recorded)
+  config.data.include = 'asyncio/**'
+  own = train.evaluate(config, recorded)
+  single = evaluation.evaluate([recorded], include='asyncio/**')
+  assert single['eval_loss'] == own['eval_loss']
+  assert evaluation.evaluate([recorded], include='email/**')['eval_loss'] != single['eval_loss']
+  fused = evaluation.evaluate([recorded, recorded], include='asyncio/**')
+  assert fused['fused']['eval_loss'] == pytest.approx(own['eval_loss'], rel=1e-5)
+  with pytest.raises(ValueError, match='selection split holds 0 tokens'):
+    evaluation.evaluate([recorded, recorded], fusion='stacked', include='asyncio/**')
