@@ -1,4 +1,4 @@
-"""Tests for moejax/kernels/blocked.py: the block layout and its three products.
+"""Tests for moejax/kernels/blocked.py: the padded block layout and its three products.
 
 The products' numbers are checked against numpy with every other implementation in
 tests/test_grouped_matmul.py and tests/test_grouped_glu.py; here, the layout itself.
@@ -17,30 +17,31 @@ from moejax.kernels import grouped_matmul as gmm_lib
 class BlockLayoutTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ([5, 0, 7], 12), ([1] * 8, 8), ([0, 0, 30], 30), ([3, 4], 10), ([200, 1, 55, 0], 256),
-      ([0, 0], 4))
-  def test_used_blocks_cover_each_group_in_order(self, sizes, m):
+      ([5, 0, 7], 12), ([1] * 8, 8), ([0, 0, 30], 30), ([3, 4], 10), ([200, 1, 55, 0], 256))
+  def test_rows_fill_blocks_of_their_own_group(self, sizes, m):
     lay = blocked.layout(jnp.asarray(sizes, jnp.int32), m)
-    start, group = np.asarray(lay.block_start), np.asarray(lay.block_group)
-    ends = np.cumsum(sizes)
-    used = int(lay.num_used)
-    self.assertLessEqual(used, lay.num_blocks)
-    self.assertLessEqual(lay.block, m)
-    owner = np.full(m, -1)
-    for b in range(used):
-      rows = np.arange(start[b], min(start[b] + lay.block, ends[group[b]]))
-      self.assertGreater(rows.size, 0)  # no empty block is run
-      self.assertTrue(np.all(owner[rows] == -1))  # each row in one block
-      owner[rows] = group[b]
-    # Every row of a group in one of its group's blocks; rows past the sum in none.
-    np.testing.assert_array_equal(owner, np.concatenate(
-        [np.repeat(np.arange(len(sizes)), sizes), np.full(m - sum(sizes), -1)]))
+    slot, block_group = np.asarray(lay.slot), np.asarray(lay.block_group)
+    total = sum(sizes)
+    # Rows inside a group get distinct slots in blocks tagged with that group...
+    inside = slot[:total]
+    self.assertLen(set(inside.tolist()), total)
+    self.assertTrue(np.all(inside < lay.num_slots))
+    np.testing.assert_array_equal(block_group[inside // lay.block],
+                                  np.repeat(np.arange(len(sizes)), sizes))
+    # ... in order, each group starting a fresh block; rows past the sum get no slot.
+    start = 0
+    for size in sizes:
+      if size:
+        self.assertEqual(slot[start] % lay.block, 0)
+        np.testing.assert_array_equal(np.diff(slot[start:start + size]), 1)
+      start += size
+    self.assertTrue(np.all(slot[total:] >= lay.num_slots))
+    self.assertLen(set(slot.tolist()), m)  # unique, as the scatter promises XLA
 
   def test_block_size_follows_the_mean_group_size(self):
     self.assertEqual(blocked.block_size(8192, 8), 128)  # capped
     self.assertEqual(blocked.block_size(100, 8), 16)
-    self.assertEqual(blocked.block_size(20, 8), 8)  # at least 8 ...
-    self.assertEqual(blocked.block_size(5, 8), 5)  # ... but no more than the rows
+    self.assertEqual(blocked.block_size(5, 8), 8)  # at least 8
 
   def test_products_keep_the_dtype_and_zero_rows_outside_groups(self):
     sizes = jnp.array([3, 0, 4], jnp.int32)
@@ -54,28 +55,16 @@ class BlockLayoutTest(parameterized.TestCase):
     dw = blocked.tgmm(x, jnp.ones((9, 5), jnp.bfloat16), lay, 3)
     np.testing.assert_array_equal(np.asarray(dw, np.float32)[:, 0, 0], [3.0, 0.0, 4.0])
 
-  def test_rows_outside_a_block_add_nothing_even_when_not_finite(self):
-    # A block's window reaches into its neighbours' rows and, at the end, rows of no group.
-    sizes = jnp.array([5, 6], jnp.int32)
-    x = jax.random.normal(jax.random.key(0), (16, 4)).at[11:].set(jnp.inf)
-    dy = jax.random.normal(jax.random.key(1), (16, 3)).at[11:].set(jnp.nan)
-    w = jax.random.normal(jax.random.key(2), (2, 4, 3))
-    lay = blocked.layout(sizes, 16)
-    self.assertEqual(lay.block, 8)
-    np.testing.assert_allclose(blocked.gmm(x, w, lay)[:11],
-                               jax.lax.ragged_dot(x[:11], w, sizes), rtol=1e-6)
-    np.testing.assert_allclose(blocked.gmm_t(dy, w, lay)[:11],
-                               jax.lax.ragged_dot(dy[:11], jnp.swapaxes(w, 1, 2), sizes),
-                               rtol=1e-6)
-    np.testing.assert_allclose(
-        blocked.tgmm(x, dy, lay, 2),
-        jnp.stack([x[:5].T @ dy[:5], x[5:11].T @ dy[5:11]]), rtol=1e-5)
-
-  def test_any_shape_is_served_without_falling_back(self):
+  def test_large_weight_copies_fall_back_to_xla(self):
+    self.assertIsNone(blocked.reason(8192, 128, 256, 8, jnp.float32))  # moe_tiny: 9 MiB
+    self.assertIn('MiB', blocked.reason(32768, 1024, 2816, 8, jnp.float32))  # moe_small: GiBs
     sizes = jnp.array([5, 7], jnp.int32)
     x = jax.random.normal(jax.random.key(0), (12, 4))
     w = jax.random.normal(jax.random.key(1), (2, 4, 3))
     gmm_lib._logged_fallbacks.clear()
-    with mock.patch.object(jax.lax, 'ragged_dot', side_effect=AssertionError('fell back')):
-      y = gmm_lib.grouped_matmul(x, w, sizes, impl='blocked')
+    with mock.patch.object(blocked, '_MAX_WEIGHT_COPY_BYTES', 16):
+      with self.assertLogs(level='WARNING') as logs:
+        y = gmm_lib.grouped_matmul(x, w, sizes, impl='blocked')
+    self.assertIn('blocked forward', logs.output[0])
+    self.assertIn('falling back to xla', logs.output[0])
     np.testing.assert_allclose(y, jax.lax.ragged_dot(x, w, sizes), rtol=1e-6)
