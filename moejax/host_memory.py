@@ -15,8 +15,8 @@ step besides its buffers).
 
 `reuse_freed_memory()` must run before the JAX backend starts (before the first array or
 `jax.devices()`): threads that already allocated keep their arenas. `moejax.script.start` calls
-it first thing in every experiment script; a notebook or program that trains on CPU can too. On other C libraries (macOS,
-musl) it does nothing and returns False.
+it first thing in every experiment script; a notebook or program that trains on CPU can too. On
+other C libraries (macOS, musl) it does nothing and returns False.
 """
 import ctypes
 import ctypes.util
