@@ -283,12 +283,12 @@ def target_config(method: str, source_configs: Sequence[ml_collections.ConfigDic
   `config` (the --config of the merge script) defaults to the first source's config; then
   upcycle and btx make every layer that the config's moe_every/first_dense_layers select an MoE
   layer (`model.ffn='moe'`) with expert width `moe.d_ff` = the sources' `d_ff`, and btx one
-  expert per branch; without `config`, btx also trains on the union of the branches' domains
-  (`data.include`). `train.init_from` is cleared: the merged checkpoint is the start.
+  expert per branch; btx also trains on the union of the branches' domains (`data.include`)
+  unless `config` sets a `data.include` other than the first branch's. `train.init_from` is
+  cleared: the merged checkpoint is the start.
   """
   if method not in METHODS:
     raise ValueError(f'--method={method!r}; expected one of {METHODS}')
-  derived = config is None
   config = ml_collections.ConfigDict((config or source_configs[0]).to_dict())
   source = source_configs[0]
   wanted = {('train', 'init_from'): ''}
@@ -297,7 +297,7 @@ def target_config(method: str, source_configs: Sequence[ml_collections.ConfigDic
     wanted[('model', 'moe', 'd_ff')] = source.model.d_ff
   if method == 'btx':
     wanted[('model', 'moe', 'num_experts')] = len(source_configs)
-    if derived:
+    if config.data.include == source.data.include:
       wanted[('data', 'include')] = _union_of_domains([c.data.include for c in source_configs])
   changes = []
   for keys, value in wanted.items():

@@ -254,3 +254,16 @@ def test_merge_script_refuses_sources_that_differ_in_one_line(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('merge: model.d_model: 32') and '64' in last, result.stderr
   assert not (tmp_path / 'out').exists()
+
+
+def test_merge_script_takes_overrides_on_the_first_sources_config(tmp_path):
+  dense, out = str(tmp_path / 'dense'), str(tmp_path / 'up')
+  short_run(load_config('dense_tiny'), dense, steps=1)
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'experiments', 'merge.py'), '--method=upcycle',
+       '--sources', dense, f'--workdir={out}', '--config.train.num_steps=7'],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  config = workdir_lib.load_config(out)
+  assert (config.train.num_steps, config.model.ffn) == (7, 'moe')
+  assert workdir_lib.load_config(dense).train.num_steps != 7
