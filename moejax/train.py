@@ -704,28 +704,34 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, precision_name: st
 
 def teacher_log_probs_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                         ) -> Callable[[jax.Array], jax.Array]:
-  """tokens [B, S] -> log-probabilities [B, S, V] of the teacher model in
-  `train.distill_from`, whose parameters are replicated over `mesh` (read once, outside it)."""
+  """tokens [B, S] -> log-probabilities [B, S, V] of the teacher in `train.distill_from`, whose
+  parameters are replicated over `mesh` (read once, outside it). An ensemble teacher gives its
+  fused distribution, by its own `ensemble.fusion`; a stacked or gated fusion is fitted first on
+  the teacher's selection split, as experiments/evaluate.py fits it."""
   teacher_config, params, router_state = workdir_lib.restore_params(config.train.distill_from)
   source = f'train.distill_from={config.train.distill_from!r}'
-  if teacher_config.ensemble.size > 1:
-    raise ValueError(f'{source}: an ensemble teacher (ensemble.size={teacher_config.ensemble.size}'
-                     ') is not supported yet; distil a single-model workdir')
   if teacher_config.model.vocab_size != config.model.vocab_size:
     raise ValueError(f'{source}: the teacher\'s model.vocab_size={teacher_config.model.vocab_size}'
                      f', the student\'s {config.model.vocab_size}; they must share a vocabulary')
   if teacher_config.model.max_seq_len < config.data.seq_len:
     raise ValueError(f'{source}: the teacher\'s model.max_seq_len='
                      f'{teacher_config.model.max_seq_len} < data.seq_len={config.data.seq_len}')
-  teacher = model_lib.build_model(teacher_config.model,
-                                  precision.get_policy(teacher_config.precision.policy))
+  teacher = ensemble_lib.build_model(teacher_config,
+                                     precision.get_policy(teacher_config.precision.policy))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(model_variables(params, router_state), replicated)
+  members = ensemble_lib.members_fn(teacher, variables)
+  ens = teacher_config.ensemble
+  if ens.size == 1:
+    return lambda tokens: members(tokens)[0][0]
+  ds = data_lib.make_dataset(teacher_config.data, teacher_config.seed,
+                             teacher_config.model.vocab_size)
+  fusion_params = ensemble_lib.fit_on_selection(teacher_config, ds, members)
 
-  def log_probs(tokens):
-    logits, _ = teacher.apply(variables, tokens, train=False)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return log_probs
+  def fused_log_probs(tokens):
+    lp, hidden = members(tokens)
+    return ensemble_lib.fuse(lp, ens.fusion, ens.weights, fusion_params, hidden)
+  return fused_log_probs
 
 
 def training_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh

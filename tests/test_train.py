@@ -22,9 +22,12 @@ import pytest
 from moejax import checkpoint
 from moejax import config_files
 from moejax import data as data_lib
+from moejax import ensemble
+from moejax import evaluation
 from moejax import model as model_lib
 from moejax import objective as objective_lib
 from moejax import precision
+from moejax import sharding
 from moejax import train
 from moejax import workdir as workdir_lib
 
@@ -474,3 +477,24 @@ def test_distill_from_logs_the_kl_to_the_teacher_and_evaluates_the_data_loss(tmp
   lines = [line for line in read_lines(str(tmp_path / 'student')) if 'distill_kl' in line]
   assert len(lines) == 2 and all(line['distill_kl'] > 0 for line in lines)
   assert np.isfinite(result['eval_loss'])
+
+
+def test_an_ensemble_teacher_gives_its_fused_distribution(tmp_path):
+  teacher = str(tmp_path / 'teacher')
+  config = config_files.get_config('ensemble_tiny:smoke')  # 2 members, fused by mean_prob
+  config.train.update(num_steps=2, log_every=2, eval_every=2, checkpoint_every=2)
+  config.optim.warmup_steps = 1
+  train.train_and_evaluate(config, teacher)
+  student = smoke_config(num_steps=1, log_every=1, eval_every=1, checkpoint_every=1,
+                         distill_from=teacher)
+  student.optim.warmup_steps = 0
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+  target = train.teacher_log_probs_fn(student, sharding.make_mesh(student.mesh, jax.devices()[:1]))
+  _, members, num_members, _ = evaluation.load_members([teacher])
+  lp, _ = members(tokens)
+  assert num_members == 2 and lp.shape[:2] == (2, 2)
+  np.testing.assert_allclose(target(tokens), ensemble.mean_prob(lp), atol=1e-6)
+  assert float(jnp.max(jnp.abs(target(tokens) - lp[0]))) > 1e-3  # not just one member
+  train.train_and_evaluate(student, str(tmp_path / 'student'))
+  (line,) = [line for line in read_lines(str(tmp_path / 'student')) if 'distill_kl' in line]
+  assert line['distill_kl'] > 0
