@@ -84,7 +84,7 @@ def get_config(arg=None):
       max_nonfinite_steps=20,
       peak_flops=0.0,
       init_from='',              # a workdir whose params start this run (own optimizer, steps, data)
-      distill_from='',           # a teacher workdir: distil its next-token distribution
+      distill_from='',           # a teacher workdir (model or ensemble): distil its next-token distribution
       distill_weight=0.5,        # loss = (1 - w) * data cross-entropy + w * KL(teacher || student)
   ))
 
