@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from moejax import data as data_lib
+from moejax import expert_parallel
 from moejax import memory
 from moejax import model as model_lib
 from moejax import routing
@@ -193,8 +194,9 @@ class Ensemble(nn.Module):
         split_rngs={'params': True, 'router': True},
         in_axes=(0 if tokens.ndim == 3 else None, None, None), axis_size=self.size,
         metadata_params={nn.PARTITION_NAME: 'member'}, spmd_axis_name=_member_spmd_axes())
-    return members(self.config, expert_quantization=self.expert_quantization, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name='members')(tokens, train, decode)
+    with expert_parallel.global_view_dispatch():
+      return members(self.config, expert_quantization=self.expert_quantization, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='members')(tokens, train, decode)
 
 
 class E3(nn.Module):

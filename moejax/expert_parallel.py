@@ -1,5 +1,9 @@
 """Expert parallelism: each device holds E / n experts; token slots travel to them by all_to_all.
 
+With n = 1 (a mesh that splits only the tokens: data parallelism) the same shard_map runs each
+device's dispatch on its own tokens with every expert local and no all_to_all; GSPMD left to itself
+would gather the global sort of the ragged dispatch onto every device.
+
 Shapes: T tokens (this device's T_l inside shard_map), D d_model, E experts, E_l = E / n local
 experts (n = size of the expert mesh axis), C capacity, G groups, N token slots sorted by expert.
 
@@ -27,8 +31,11 @@ model are gathered on the way in), so tensor parallelism inside an expert is not
 Gradients need nothing special: all_to_all is its own transpose, and shard_map sums the weight
 gradients over the data axes that replicate the weights.
 """
+import contextlib
+import contextvars
 import functools
 import math
+from typing import Iterator
 
 import flax.linen as nn
 import jax
@@ -174,16 +181,40 @@ def slot_traffic(expert_index: jax.Array, num_experts: int, num_devices: int
       max_devices=jnp.max(jnp.sum(reached, axis=1)).astype(jnp.int32))
 
 
-def context_expert_axis(axis: str = 'expert') -> str | None:
-  """`axis` if the mesh in context (`sharding.mesh_context`) splits it over > 1 devices, else None.
+# Set inside an ensemble's vmap over members: shard_map cannot run under the vmap's spmd axis, and
+# expert parallelism is refused there anyway (moejax.ensemble), so members dispatch in the global view.
+_GLOBAL_VIEW = contextvars.ContextVar('moejax_global_view_dispatch', default=False)
 
-  What a model passes as `MoE(expert_axis=...)`: expert parallel under such a mesh, plain
-  everywhere else (one device, decoding without a mesh).
+
+@contextlib.contextmanager
+def global_view_dispatch() -> Iterator[None]:
+  """Within it `context_expert_axis()` is None: MoE layers dispatch in GSPMD's global view."""
+  token = _GLOBAL_VIEW.set(True)
+  try:
+    yield
+  finally:
+    _GLOBAL_VIEW.reset(token)
+
+
+def context_expert_axis(axis: str = 'expert') -> str | None:
+  """`axis` if the mesh in context (`sharding.mesh_context`) splits the tokens or the experts
+  (`axis`) over > 1 devices, else None.
+
+  What a model passes as `MoE(expert_axis=...)`: a dispatch per device under such a mesh (expert
+  parallel when `axis` has > 1 devices, data parallel otherwise), plain everywhere else (one
+  device, decoding without a mesh, an ensemble's members: `global_view_dispatch`).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1:
+  if _GLOBAL_VIEW.get() or mesh.empty or axis not in mesh.axis_names:
+    return None
+  if math.prod(mesh.shape[a] for a in {axis, *token_axes()}) == 1:
     return None
   return axis
+
+
+def splits_experts(axis: str) -> bool:
+  """Whether the mesh in context splits the experts over mesh axis `axis` (> 1 devices)."""
+  return jax.sharding.get_abstract_mesh().shape[axis] > 1
 
 
 def token_axes() -> tuple[str, ...]:
@@ -236,8 +267,11 @@ def dispatch(name: str, x: jax.Array, routing: Routing, expert_params, *, expert
                                  activation=activation, gmm_impl=gmm_impl)
     tokens_local, slots = routing.expert_index.shape
     block_rows = tokens_local * min(slots, num_experts // axis_size)
-    buffer_fn = buffer_expert_fn(local_fn, expert_axis, axis_size)
-    ragged_fn = ragged_expert_fn(local_fn, expert_axis, axis_size, block_rows)
+    if axis_size == 1:  # data parallel: every expert is local
+      buffer_fn = ragged_fn = local_fn
+    else:
+      buffer_fn = buffer_expert_fn(local_fn, expert_axis, axis_size)
+      ragged_fn = ragged_expert_fn(local_fn, expert_axis, axis_size, block_rows)
 
     def expert_fn(x, rows_per_expert=None):
       return buffer_fn(x) if rows_per_expert is None else ragged_fn(x, rows_per_expert)

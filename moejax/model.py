@@ -236,8 +236,9 @@ class Block(nn.Module):
       x = jnp.tile(x, (self.e3_copies, 1, 1))
     h = RMSNorm(name='ffn_norm', **dtypes)(x)
     if self.use_moe:
-      # The `moe` section is MoE's fields, key for key. Expert parallel exactly when traced
-      # under a mesh that splits the 'expert' axis.
+      # The `moe` section is MoE's fields, key for key. Dispatched per device (expert parallel
+      # when the mesh splits the 'expert' axis, else data parallel) when traced under a mesh
+      # that splits the tokens.
       ffn = moe_lib.MoE(**cfg.moe, expert_quantization=self.expert_quantization,
                         e3_copies=self.e3_copies,
                         expert_axis=expert_parallel.context_expert_axis(), name='ffn', **dtypes)

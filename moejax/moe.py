@@ -104,7 +104,9 @@ class MoE(nn.Module):
     load_balance_weight, z_loss_weight: weights of the load-balance and router z-losses in
       aux['aux_loss'].
     expert_axis: mesh axis the experts are split over (expert parallelism, see
-      moejax/expert_parallel.py; needs `sharding.mesh_context`); None = all experts on every device.
+      moejax/expert_parallel.py; needs `sharding.mesh_context`): the dispatch runs per device on
+      its own tokens, with all experts local when the axis has one device (data parallelism);
+      None = the dispatch in GSPMD's global view.
     expert_quantization: '' | 'int8' (int8 weights, inference) | 'int8_qat' (see moejax.int8).
     e3_copies: M > 1 in an E3 layer (moejax.ensemble.E3): the batch holds M copies of the tokens
       (copy m in rows [m·B/M, (m+1)·B/M)) and copy m routes only within expert group m, the
@@ -237,12 +239,15 @@ class MoE(nn.Module):
     dispatch_args = dict(num_experts=self.num_experts, top_k=self.top_k,
                          capacity_factor=capacity_factor, group_size=group_size,
                          capacity_priority=self.capacity_priority)
-    if self.expert_axis is None or self.is_initializing():
+    per_device = self.expert_axis is not None and not self.is_initializing()
+    if per_device and self.expert_quantization:
+      if expert_parallel.splits_experts(self.expert_axis):
+        raise ValueError(f'expert_quantization={self.expert_quantization!r} is not implemented '
+                         f'with expert parallelism (expert_axis={self.expert_axis!r})')
+      per_device = False  # int8 experts under data parallelism: the global-view dispatch
+    if not per_device:
       y, dropped = dispatch_lib.dispatch(self.dispatch, tokens.astype(self.dtype), routing,
                                          experts, **dispatch_args)
-    elif self.expert_quantization:
-      raise ValueError(f'expert_quantization={self.expert_quantization!r} is not implemented with '
-                       f'expert parallelism (expert_axis={self.expert_axis!r})')
     else:
       y, dropped = expert_parallel.dispatch(
           self.dispatch, tokens.astype(self.dtype), routing, self.variables['params']['experts'],

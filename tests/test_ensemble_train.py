@@ -103,7 +103,7 @@ def test_sigkill_loses_only_steps_after_the_checkpoint(tmp_path):
   command = train_command(workdir, smoke_config_flag('ensemble_tiny'),
                           '--config.train.num_steps=100000', '--config.train.log_every=2',
                           '--config.train.checkpoint_every=4', '--config.train.eval_every=100000')
-  killed_lines, second = kill_and_resume(command, subprocess_env(tmp_path), workdir, timeout=300)
+  killed_lines, second = kill_and_resume(command, subprocess_env(), workdir, timeout=300)
   second.kill()
   second.wait()
   assert_killed_steps_redone(workdir, killed_lines)

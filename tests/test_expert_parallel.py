@@ -36,6 +36,8 @@ RULES = (
 MESHES = dict(
     e2=(1, 1, 2, 1), e4=(1, 1, 4, 1), e8=(1, 1, 8, 1),
     d2e2=(2, 1, 2, 1), d2e4=(2, 1, 4, 1), f2e2m2=(1, 2, 2, 2),
+    d2=(2, 1, 1, 1), d8=(8, 1, 1, 1),  # data parallel: every expert on every device
+    one=(1, 1, 1, 1),
 )
 
 
@@ -156,6 +158,8 @@ class MoELayerTest(parameterized.TestCase):
       ('capacity_expert_choice_e8', 'capacity', 'expert_choice', 'e8'),
       ('capacity_score_group_limited_e4', 'capacity', 'top_k', 'e4',
        dict(capacity_priority='score', num_expert_groups=4, top_groups=2)),
+      ('ragged_d8', 'ragged', 'top_k', 'd8'),
+      ('capacity_d2', 'capacity', 'top_k', 'd2'),
   )
   def test_matches_single_device(self, dispatch, router, mesh_name, fields=None):
     layer = dict(num_experts=E, top_k=K, d_ff=F, dispatch=dispatch, router=router,
@@ -201,6 +205,26 @@ class ModelTest(parameterized.TestCase):
       self.assertEqual(expert_parallel.context_expert_axis(), 'expert')
       self.assertIn('all_to_all', str(jax.make_jaxpr(apply)(variables, tokens)))
     self.assertIsNone(expert_parallel.context_expert_axis())
+
+  def test_model_dispatches_per_device_under_a_data_mesh(self):
+    config = load_config('moe_tiny', 'smoke')
+    model = model_lib.build_model(config.model, precision.get_policy('fp32'))
+    tokens = jnp.zeros((B, S), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    apply = lambda v, t: model.apply(v, t)[0]
+    self.assertNotIn('shard_map', str(jax.make_jaxpr(apply)(variables, tokens)))
+    for name in ('d2', 'e2'):
+      mesh, rules = make_mesh(name)
+      with sharding.mesh_context(mesh, rules):
+        jaxpr = str(jax.make_jaxpr(apply)(variables, tokens))
+        self.assertIn('shard_map', jaxpr, name)
+        self.assertEqual('all_to_all' in jaxpr, name == 'e2', name)
+        with expert_parallel.global_view_dispatch():  # as an ensemble's members do
+          # A new function: jax's trace cache keys on the mesh, not on this context.
+          members = lambda v, t: model.apply(v, t)[0]
+          self.assertNotIn('shard_map', str(jax.make_jaxpr(members)(variables, tokens)), name)
+    with sharding.mesh_context(*make_mesh('one')):
+      self.assertIsNone(expert_parallel.context_expert_axis())
 
 
 class ValidateMeshTest(parameterized.TestCase):

@@ -388,13 +388,11 @@ def train_command(workdir, *flags):
           *flags]
 
 
-def subprocess_env(tmp_path):
-  """The environment of a train.py subprocess on CPU: cheaper XLA codegen, and every process
-  reuses the compiled programs of those before it (a cache under `tmp_path`)."""
+def subprocess_env():
+  """The environment of a train.py subprocess on CPU: cheaper XLA codegen, and the test run's
+  compilation cache (conftest.py), inherited from os.environ."""
   return {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': '--xla_backend_optimization_level=0',
-          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+          'XLA_FLAGS': '--xla_backend_optimization_level=0'}
 
 
 def logged_past(workdir, step):
@@ -436,7 +434,7 @@ def test_sigkill_loses_only_steps_after_the_checkpoint_and_sigterm_exits_cleanly
   command = train_command(workdir, smoke_config_flag('moe_tiny'), '--config.train.num_steps=100000',
                           '--config.train.log_every=2', '--config.train.checkpoint_every=6',
                           '--config.train.eval_every=100000')
-  killed_lines, second = kill_and_resume(command, subprocess_env(tmp_path), workdir)
+  killed_lines, second = kill_and_resume(command, subprocess_env(), workdir)
   second.send_signal(signal.SIGTERM)
   assert second.wait(timeout=60) == 0, second.stderr.read().decode()[-3000:]
   steps = assert_killed_steps_redone(workdir, killed_lines)

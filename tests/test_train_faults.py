@@ -123,7 +123,7 @@ def _with_file_size_limit(kilobytes, command):
 
 @pytest.mark.slow
 def test_ctrl_c_workdir_alone_and_a_failed_save(tmp_path):
-  workdir, env = str(tmp_path / 'run'), subprocess_env(tmp_path)
+  workdir, env = str(tmp_path / 'run'), subprocess_env()
   config_flags = [smoke_config_flag('moe_tiny'), '--config.model.d_model=16',
                   '--config.train.num_steps=100000', '--config.train.log_every=2',
                   '--config.train.checkpoint_every=1000', '--config.train.eval_every=100000']
