@@ -7,6 +7,9 @@ import pytest
 
 # The count must be set before the backend starts, so each case runs in a fresh process.
 _CHILD = """
+import os, sys
+if len(sys.argv) > 1:  # pinned here, not by preexec_fn: forking a multithreaded parent can deadlock
+  os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')})
 import jax
 from moejax import cpu_devices
 print(cpu_devices.use_one_per_core(), jax.device_count())
@@ -16,9 +19,10 @@ print(cpu_devices.use_one_per_core(), jax.device_count())
 def _child(cores=None, **env):
   """(count returned, jax.device_count()) in a fresh process, on `cores` (a set of CPUs) if given."""
   base = {k: v for k, v in os.environ.items() if k != 'JAX_NUM_CPU_DEVICES'}
-  pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-  out = subprocess.run([sys.executable, '-c', _CHILD], env={**base, 'JAX_PLATFORMS': 'cpu', **env},
-                       preexec_fn=pin, check=True, capture_output=True, text=True).stdout.split()
+  pin = [','.join(map(str, sorted(cores)))] if cores else []
+  out = subprocess.run([sys.executable, '-c', _CHILD, *pin],
+                       env={**base, 'JAX_PLATFORMS': 'cpu', **env},
+                       check=True, capture_output=True, text=True).stdout.split()
   return int(out[0]), int(out[1])
 
 
