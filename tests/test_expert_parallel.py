@@ -191,13 +191,18 @@ class MoELayerTest(parameterized.TestCase):
       self.assertGreater(float(np.abs(bias).max()), 0.0)
 
 
+def smoke_model():
+  """moe_tiny:smoke, its abstract variables and a [B, S] batch of tokens."""
+  config = load_config('moe_tiny', 'smoke')
+  model = model_lib.build_model(config.model, precision.get_policy('fp32'))
+  tokens = jnp.zeros((B, S), jnp.int32)
+  return model, jax.eval_shape(model.init, jax.random.key(0), tokens), tokens
+
+
 class ModelTest(parameterized.TestCase):
 
   def test_model_is_expert_parallel_under_an_expert_mesh(self):
-    config = load_config('moe_tiny', 'smoke')
-    model = model_lib.build_model(config.model, precision.get_policy('fp32'))
-    tokens = jnp.zeros((B, S), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    model, variables, tokens = smoke_model()
     apply = lambda v, t: model.apply(v, t)[0]
     self.assertNotIn('all_to_all', str(jax.make_jaxpr(apply)(variables, tokens)))
     mesh, rules = make_mesh('d2e4')
@@ -207,10 +212,7 @@ class ModelTest(parameterized.TestCase):
     self.assertIsNone(expert_parallel.context_expert_axis())
 
   def test_model_dispatches_per_device_under_a_data_mesh(self):
-    config = load_config('moe_tiny', 'smoke')
-    model = model_lib.build_model(config.model, precision.get_policy('fp32'))
-    tokens = jnp.zeros((B, S), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    model, variables, tokens = smoke_model()
     apply = lambda v, t: model.apply(v, t)[0]
     self.assertNotIn('shard_map', str(jax.make_jaxpr(apply)(variables, tokens)))
     for name in ('d2', 'e2'):
