@@ -103,37 +103,50 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x, positions, base):
-  """Rotates channel pairs (i, i + N/2) of x [B, S, H, N] by angle position * base^(-2i/N).
+  """Rotates channel pairs (i, i + N/2) of x [..., S, N] by angle position * base^(-2i/N).
 
   positions: [S] int. Computed in float32 (bf16 angles lose whole radians at long positions).
   """
   half = x.shape[-1] // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [S, N/2]
-  sin = jnp.sin(angle)[None, :, None, :]
-  cos = jnp.cos(angle)[None, :, None, :]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
 
 
-def _attention(q, k, v, impl='xla', **kwargs):
-  """`jax.nn.dot_product_attention` in the inputs' dtype, with `implementation=impl`.
+def _attention(q, k, v, impl='xla', mask=None):
+  """Softmax attention of q [B, H, T, N] over k, v [B, H, S, N] -> [B, H, T, N].
 
-  'xla' materialises the [B, H, S, S] probabilities (and keeps them for the backward pass);
-  'cudnn' is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16), which never does.
-  XLA's CPU backend has no fp16 x fp16 -> fp32 dot, which the reference attention asks for, so
-  fp16 attention on CPU runs in float32 (CPU runs are for testing; speed there is moot).
+  mask [.., T, S] bool (True: attend); None is causal (T == S). Scores q·k / sqrt(N).
+  'xla' materialises the [B, H, T, S] probabilities (and keeps them for the backward pass) in the
+  heads-major layout that the projections write directly: on CPU that runs moe_tiny's attention
+  fwd+bwd in about 0.7 of the time of `jax.nn.dot_product_attention`, whose [B, S, H, N] layout
+  costs a transpose per operand (docs/benchmarks.md). As there, the scores and the softmax are
+  float32 and the probabilities are cast to v's dtype. XLA's CPU backend has no fp16 x fp16 ->
+  fp32 dot, so fp16 attention on CPU runs in float32 (CPU runs are for testing).
+  'cudnn' is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16), which never materialises
+  them; it takes [B, S, H, N] operands.
   """
   check_attention_impl(impl)
-  if impl == 'cudnn' and jax.default_backend() != 'gpu':
-    raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU; the default backend is "
-                     f"{jax.default_backend()} (use 'xla')")
-  if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
-    out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                       v.astype(jnp.float32), **kwargs)
-    return out.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kwargs)
+  if impl == 'cudnn':
+    if jax.default_backend() != 'gpu':
+      raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU; the default backend "
+                       f"is {jax.default_backend()} (use 'xla')")
+    q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                        implementation='cudnn').swapaxes(1, 2)
+  dtype = q.dtype
+  if dtype == jnp.float16 and jax.default_backend() == 'cpu':
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  scores = jnp.einsum('BHTN,BHSN->BHTS', q, k, preferred_element_type=jnp.float32)
+  scores *= q.shape[-1] ** -0.5
+  if mask is None:
+    mask = jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool))
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('BHTS,BHSN->BHTN', probs, v).astype(dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -156,7 +169,7 @@ class CausalSelfAttention(nn.Module):
     qkv_init = _partitioned(_fan_in_init(0, (1, 2)), ('embed', 'heads', 'kv'))
     x = x.astype(self.dtype)
     q, k, v = (
-        jnp.einsum('BSD,DHN->BSHN', x,
+        jnp.einsum('BSD,DHN->BHSN', x,
                    self.param(name, qkv_init, qkv_shape, self.param_dtype).astype(self.dtype))
         for name in ('query', 'key', 'value'))
 
@@ -171,11 +184,11 @@ class CausalSelfAttention(nn.Module):
       positions = jnp.arange(x.shape[1])
       q = apply_rope(q, positions, self.rope_base)
       k = apply_rope(k, positions, self.rope_base)
-      out = _attention(q, k, v, self.attention_impl, is_causal=True)
+      out = _attention(q, k, v, self.attention_impl)
 
     out_kernel = self.param('out', _partitioned(_fan_in_init((0, 1), 2), ('heads', 'kv', 'embed')),
                             (self.num_heads, head_dim, d_model), self.param_dtype)
-    return jnp.einsum('BSHN,HND->BSD', out, out_kernel.astype(self.dtype))
+    return jnp.einsum('BHSN,HND->BSD', out, out_kernel.astype(self.dtype))
 
   def _attend_cached(self, q, k, v):
     """Writes the S new keys/values into the cache and attends over the last R positions.
@@ -188,24 +201,24 @@ class CausalSelfAttention(nn.Module):
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
-    window = cached_key.value.shape[1]  # R
-    if q.shape[1] > window:
-      raise ValueError(f'a decode call of {q.shape[1]} tokens exceeds the cache of {window}')
+    window = cached_key.value.shape[2]  # R
+    if q.shape[2] > window:
+      raise ValueError(f'a decode call of {q.shape[2]} tokens exceeds the cache of {window}')
     index = cache_index.value
-    positions = index + jnp.arange(q.shape[1])  # [S]
+    positions = index + jnp.arange(q.shape[2])  # [S]
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
     slots = positions % window
-    cached_key.value = cached_key.value.at[:, slots].set(k)
-    cached_value.value = cached_value.value.at[:, slots].set(v)
-    end = index + q.shape[1]
+    cached_key.value = cached_key.value.at[:, :, slots].set(k)
+    cached_value.value = cached_value.value.at[:, :, slots].set(v)
+    end = index + q.shape[2]
     cache_index.value = end
     # Slot j holds the latest position p < end with p mod R = j (negative: never written).
     kv_positions = end - 1 - (end - 1 - jnp.arange(window)) % window  # [R]
     # Causal, written, and within the last R positions.
     mask = ((kv_positions[None, :] >= 0) & (kv_positions[None, :] <= positions[:, None])
             & (kv_positions[None, :] > positions[:, None] - window))  # [S, R]
-    return _attention(q, cached_key.value, cached_value.value, mask=mask[None, None])
+    return _attention(q, cached_key.value, cached_value.value, mask=mask)
 
 
 class Block(nn.Module):

@@ -185,7 +185,7 @@ class ModelTest(parameterized.TestCase):
     full, _ = jax.jit(model.apply)(variables, tokens)
     cache = generate_lib.init_cache(model, B, 8)
     # Layer 0 and layer 1's attention run before the tiling (one batch), the rest on 2 copies.
-    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (B, 8, 2, 16))
+    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (B, 2, 8, 16))
     # One token per call, one compile (the greedy test below prefills a prompt at once).
     decode = jax.jit(functools.partial(model.apply, decode=True, mutable=['cache']))
     steps = []
@@ -199,8 +199,8 @@ class ModelTest(parameterized.TestCase):
   def test_later_layers_cache_every_copy(self):
     model, _ = _init(2, e3_layers=2)
     cache = generate_lib.init_cache(model, B, 8)
-    chex.assert_shape(cache['layer_0']['attn']['cached_key'], (B, 8, 2, 16))
-    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (2 * B, 8, 2, 16))
+    chex.assert_shape(cache['layer_0']['attn']['cached_key'], (B, 2, 8, 16))
+    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (2 * B, 2, 8, 16))
 
   def test_greedy_decoding_follows_the_fused_distribution(self):
     model, variables = _init(2)

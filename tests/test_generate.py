@@ -45,8 +45,8 @@ class DecodeTest(parameterized.TestCase):
     tokens = _tokens(P + N)
     full_logits, _ = forward({'params': params}, tokens)
     cache = generate_lib.init_cache(model, B, 12)  # longer than used: unwritten slots are masked
-    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (B, 12, 2, 16))
-    chex.assert_shape(cache['layer_1']['attn']['cached_value'], (B, 12, 2, 16))
+    chex.assert_shape(cache['layer_1']['attn']['cached_key'], (B, 2, 12, 16))
+    chex.assert_shape(cache['layer_1']['attn']['cached_value'], (B, 2, 12, 16))
     decode = jax.jit(functools.partial(model.apply, decode=True, mutable=['cache']))
     step_logits = []
     # Prefill 3 tokens at once, then one token per call (teacher forcing).

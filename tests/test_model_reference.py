@@ -48,8 +48,8 @@ class PiecesTest(parameterized.TestCase):
     np.testing.assert_allclose(got, ref.rms_norm(np, self.x, scale), rtol=RTOL, atol=ATOL)
 
   def test_rope(self):
-    x = self.x.reshape(2, 8, 2, 8)
-    got = model_lib.apply_rope(jnp.float32(x), jnp.arange(8), 100.0)
+    x = self.x.reshape(2, 8, 2, 8)  # [B, S, H, N]; the model rotates heads-major [B, H, S, N]
+    got = model_lib.apply_rope(jnp.float32(x.swapaxes(1, 2)), jnp.arange(8), 100.0).swapaxes(1, 2)
     np.testing.assert_allclose(got, ref.rope(np, x, 100.0), rtol=RTOL, atol=ATOL)
     # Position 0 is not rotated; later positions are.
     np.testing.assert_allclose(got[:, 0], x[:, 0], rtol=RTOL, atol=ATOL)
