@@ -36,7 +36,12 @@ class BlockLayoutTest(parameterized.TestCase):
         np.testing.assert_array_equal(np.diff(slot[start:start + size]), 1)
       start += size
     self.assertTrue(np.all(slot[total:] >= lay.num_slots))
-    self.assertLen(set(slot.tolist()), m)  # unique, as the scatter promises XLA
+    self.assertLen(set(slot.tolist()), m)
+    # `source` inverts `slot`: each row's slot holds that row, every other slot none (m).
+    source = np.asarray(lay.source)
+    self.assertEqual(source.shape, (lay.num_slots,))
+    np.testing.assert_array_equal(source[inside], np.arange(total))
+    np.testing.assert_array_equal(np.delete(source, inside), m)
 
   def test_block_size_follows_the_mean_group_size(self):
     self.assertEqual(blocked.block_size(8192, 8), 128)  # capped

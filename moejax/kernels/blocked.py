@@ -31,8 +31,9 @@ _MAX_WEIGHT_COPY_BYTES = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-  """Where each row goes: rows [M] -> slots of an [NB·B] buffer (>= NB·B: no slot)."""
+  """Where each row goes: rows [M] -> slots of an [NB·B] buffer (>= NB·B: no slot), and back."""
   slot: jax.Array         # [M] int32
+  source: jax.Array       # [NB·B] int32: the row each slot holds (M: none, a zero row)
   block_group: jax.Array  # [NB] int32
   block: int
   num_blocks: int
@@ -82,15 +83,19 @@ def layout(group_sizes: jax.Array, m: int) -> BlockLayout:
   # Blocks past the last group's padding hold only zeros; any group will do for them.
   block_starts = jnp.arange(blocks, dtype=jnp.int32) * block
   block_group = jnp.minimum(jnp.searchsorted(padded_ends, block_starts, side='right'), g - 1)
-  return BlockLayout(slot=slot, block_group=block_group.astype(jnp.int32), block=block,
-                     num_blocks=blocks)
+  # The inverse map, so that filling the blocks is a gather (on CPU a scatter into a zeroed
+  # buffer costs a broadcast, a copy and the scatter).
+  slot_group = jnp.repeat(block_group, block, total_repeat_length=blocks * block)
+  offset = jnp.arange(blocks * block, dtype=jnp.int32) - (padded_ends - padded)[slot_group]
+  source = jnp.where(offset < sizes[slot_group], (ends - sizes)[slot_group] + offset, m)
+  return BlockLayout(slot=slot, source=source.astype(jnp.int32),
+                     block_group=block_group.astype(jnp.int32), block=block, num_blocks=blocks)
 
 
 def _to_blocks(a, lay: BlockLayout):
   """[M, C] -> [NB, B, C], zeros in the padding."""
-  buffer = jnp.zeros((lay.num_slots, a.shape[1]), a.dtype)
-  buffer = buffer.at[lay.slot].set(a, mode='drop', unique_indices=True)
-  return buffer.reshape(lay.num_blocks, lay.block, a.shape[1])
+  rows = jnp.take(a, lay.source, axis=0, mode='fill', fill_value=0)
+  return rows.reshape(lay.num_blocks, lay.block, a.shape[1])
 
 
 def _from_blocks(blocks, lay: BlockLayout):
