@@ -139,7 +139,7 @@ def group_limited_scores(scores: jax.Array, num_expert_groups: int, top_groups: 
   per_group = num_experts // num_expert_groups
   grouped = scores.reshape(num_tokens, num_expert_groups, per_group)  # [T, N, E/N]
   group_score = jnp.sum(jax.lax.top_k(grouped, min(2, per_group))[0], axis=-1)  # [T, N]
-  _, best_groups = jax.lax.top_k(group_score, top_groups)  # [T, M]
+  best_groups = top_k_indices(group_score, top_groups)  # [T, M]
   keep = jnp.any(best_groups[:, :, None] == jnp.arange(num_expert_groups), axis=1)  # [T, N]
   return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(num_tokens, num_experts)
 
@@ -156,6 +156,27 @@ def copy_expert_mask(num_tokens: int, num_experts: int, copies: int) -> jax.Arra
   return token_copy[:, None] == expert_group[None, :]
 
 
+def top_k_indices(scores: jax.Array, k: int) -> jax.Array:
+  """The indices of `jax.lax.top_k(scores, k)` over the last axis, int32, by k rounds of masked
+  argmax: the same picks (ties to the lower index, NaN first, -inf last, k distinct).
+
+  Elementwise ops and reductions stay split along the tokens, whereas XLA's TopK custom call is
+  gathered whole onto every device (on 2 CPU devices, moe_tiny's routers cost 4 all-gathers and
+  device rendezvous per step). k is a router's top_k, small, so the k passes over [T, E] are cheap.
+  """
+  taken = jnp.zeros(scores.shape, bool)
+  positions = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+  picks = []
+  for _ in range(k):
+    open_scores = jnp.where(taken, -jnp.inf, scores)
+    best = jnp.max(open_scores, axis=-1, keepdims=True)
+    is_best = ((open_scores == best) | jnp.isnan(open_scores)) & ~taken
+    pick = jnp.argmax(is_best, axis=-1).astype(jnp.int32)
+    picks.append(pick)
+    taken |= positions == pick[..., None]
+  return jnp.stack(picks, axis=-1)
+
+
 def _restrict(scores: jax.Array, expert_mask: jax.Array | None) -> jax.Array:
   """scores [T, E] with the experts outside `expert_mask` at -inf (None: all allowed)."""
   return scores if expert_mask is None else jnp.where(expert_mask, scores, -jnp.inf)
@@ -170,7 +191,7 @@ def _top_k_routing(logits: jax.Array, probs: jax.Array, selection_scores: jax.Ar
   # Masked again here: a bias (aux-free) lifts the masked experts' zero probabilities.
   selection_scores = _restrict(selection_scores, expert_mask)
   selection_scores = group_limited_scores(selection_scores, num_expert_groups, top_groups)
-  _, expert_index = jax.lax.top_k(selection_scores, top_k)
+  expert_index = top_k_indices(selection_scores, top_k)
   gate = jnp.take_along_axis(probs, expert_index, axis=-1)
   if normalize_top_k:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)

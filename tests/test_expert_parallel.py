@@ -228,6 +228,17 @@ class ModelTest(parameterized.TestCase):
     with sharding.mesh_context(*make_mesh('one')):
       self.assertIsNone(expert_parallel.context_expert_axis())
 
+  def test_router_stays_split_over_a_data_mesh(self):
+    # XLA's TopK custom call would be gathered whole onto every device (routing.top_k_indices).
+    model, variables, tokens = smoke_model()
+    mesh, rules = make_mesh('d8')
+    with sharding.mesh_context(mesh, rules):
+      batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+      hlo = jax.jit(lambda v, t: model.apply(v, t)[0], in_shardings=(None, batch)).lower(
+          variables, tokens).compile().as_text()
+    self.assertIn(' sort(', hlo)  # the per-device dispatch, to show this is the partitioned step
+    self.assertNotIn(' all-gather(', hlo)
+
 
 class ValidateMeshTest(parameterized.TestCase):
   """expert_parallel.validate_mesh: the config-level checks, naming the config fields."""

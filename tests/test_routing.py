@@ -66,6 +66,19 @@ class AuxLossTest(parameterized.TestCase):
     self.assertAlmostEqual(float(jnp.sum(fraction)), 1.0, places=6)
 
 
+class TopKIndicesTest(parameterized.TestCase):
+
+  @parameterized.parameters((8, 2), (8, 8), (5, 3), (3, 1))
+  def test_same_picks_as_lax_top_k(self, num_experts, k):
+    rng = np.random.default_rng(num_experts * 10 + k)
+    scores = rng.integers(0, 3, (64, num_experts)).astype(np.float32)  # many ties
+    scores[rng.random(scores.shape) < 0.2] = -np.inf
+    scores[3, 1] = np.nan
+    got = routing.top_k_indices(jnp.asarray(scores), k)
+    self.assertEqual(got.dtype, jnp.int32)
+    np.testing.assert_array_equal(got, jax.lax.top_k(jnp.asarray(scores), k)[1])
+
+
 class TopKRouterTest(parameterized.TestCase):
 
   @parameterized.parameters((4, 1, True), (4, 2, True), (4, 2, False), (64, 6, True))
