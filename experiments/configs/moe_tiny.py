@@ -3,10 +3,12 @@
 Command:  python experiments/train.py --config=experiments/configs/moe_tiny.py --workdir=/tmp/moe_tiny
 Hardware: 2 CPU cores.
 Expected: <= 2.5 bits per byte on the validation split within 10 minutes (see docs/benchmarks.md).
-Measured: 2 CPU cores (otherwise idle), jax 0.10.2, 2026-11-23, a fresh venv from the README's
-          first command: 600 steps in 7m46s wall (8m21s with the install), 5.6k tokens/s; eval
-          bits per byte 2.18 @200, 1.96 @300, 1.85 @400, 1.76 @500, 1.717 @600 (eval loss
-          1.1902 nats), dropless. dense_tiny reaches 1.765 at the same step.
+Measured: 2 CPU cores (one JAX device each), jax 0.10.2, 2026-12-03, a fresh clone and venv from
+          the README's first command: 600 steps in 8m24s wall (9m15s with the install), 3.8k-6.8k
+          tokens/s (the machine's speed drifted; 1.58x the 2026-12-01 code's tokens/s in
+          alternating runs); eval bits per byte 2.165 @200, 1.942 @300, 1.848 @400, 1.752 @500,
+          1.708 @600 (eval loss 1.1838 nats), dropless. dense_tiny reached 1.765 at the same step
+          (2026-11-23).
 Smoke:    --config=experiments/configs/moe_tiny.py:smoke runs in seconds.
 """
 import ml_collections
