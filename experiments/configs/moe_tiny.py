@@ -5,10 +5,10 @@ Hardware: 2 CPU cores.
 Expected: <= 2.5 bits per byte on the validation split within 10 minutes (see docs/benchmarks.md).
 Measured: 2 CPU cores (one JAX device each), jax 0.10.2, 2026-12-03, a fresh clone and venv from
           the README's first command: 600 steps in 8m24s wall (9m15s with the install), 3.8k-6.8k
-          tokens/s (the machine's speed drifted; 1.58x the 2026-12-01 code's tokens/s in
-          alternating runs); eval bits per byte 2.165 @200, 1.942 @300, 1.848 @400, 1.752 @500,
-          1.708 @600 (eval loss 1.1838 nats), dropless. dense_tiny reached 1.765 at the same step
-          (2026-11-23).
+          tokens/s (the machine's speed drifted; 1.58x the tokens/s of 8dd0906, issue 16's
+          baseline, in alternating runs); eval bits per byte 2.165 @200, 1.942 @300, 1.848 @400,
+          1.752 @500, 1.708 @600 (eval loss 1.1838 nats), dropless. dense_tiny reached 1.765 at
+          the same step (2026-11-23).
 Smoke:    --config=experiments/configs/moe_tiny.py:smoke runs in seconds.
 """
 import ml_collections
