@@ -31,8 +31,8 @@ _MAX_WEIGHT_COPY_BYTES = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-  """Where each row goes: rows [M] -> slots of an [NB·B] buffer (>= NB·B: no slot), and back."""
-  slot: jax.Array         # [M] int32
+  """Where each row goes in the [NB·B] slots of the blocks, and which row each slot holds."""
+  slot: jax.Array         # [M] int32: the slot each row goes to (NB·B: none, a zero row)
   source: jax.Array       # [NB·B] int32: the row each slot holds (M: none, a zero row)
   block_group: jax.Array  # [NB] int32
   block: int
@@ -78,8 +78,7 @@ def layout(group_sizes: jax.Array, m: int) -> BlockLayout:
   group = jnp.searchsorted(ends, rows, side='right').astype(jnp.int32)  # g: past every group
   in_group = jnp.minimum(group, g - 1)
   slot = (padded_ends - padded)[in_group] + rows - (ends - sizes)[in_group]
-  # Rows past every group get distinct out-of-range slots: dropped, and the indices stay unique.
-  slot = jnp.where(group < g, slot, blocks * block + rows)
+  slot = jnp.where(group < g, slot, blocks * block)  # past every group: no slot
   # Blocks past the last group's padding hold only zeros; any group will do for them.
   block_starts = jnp.arange(blocks, dtype=jnp.int32) * block
   block_group = jnp.minimum(jnp.searchsorted(padded_ends, block_starts, side='right'), g - 1)
@@ -101,8 +100,7 @@ def _to_blocks(a, lay: BlockLayout):
 def _from_blocks(blocks, lay: BlockLayout):
   """[NB, B, C] -> [M, C]; rows with no slot are zero."""
   flat = blocks.reshape(lay.num_slots, blocks.shape[2])
-  rows = flat[jnp.minimum(lay.slot, lay.num_slots - 1)]
-  return jnp.where((lay.slot < lay.num_slots)[:, None], rows, jnp.zeros((), rows.dtype))
+  return jnp.take(flat, lay.slot, axis=0, mode='fill', fill_value=0)
 
 
 def gmm(x, w, lay: BlockLayout):
